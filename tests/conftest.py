@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random-weight models built locally once per test session.
+
+`tiny_model("qwen3_moe")` returns the directory of a BF16 safetensors checkpoint with its
+tokenizer (see `qerl_rollout.tiny`). Each (family, seed) is built once per session and shared;
+tests must treat the directory as read-only (copy it before changing files).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before any test imports vLLM: in-process engine, small KV cache, quiet logs.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from qerl_rollout.tiny import FAMILIES, build_tiny_model
+
+MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: `tiny_model(family, seed=0)` -> Path of a cached tiny checkpoint."""
+    cache = {}
+    root = tmp_path_factory.mktemp("tiny_models")
+
+    def get(family: str, seed: int = 0):
+        assert family in FAMILIES, family
+        key = (family, seed)
+        if key not in cache:
+            cache[key] = build_tiny_model(family, root / f"{family}-s{seed}", seed=seed)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tiny_model):
+    return tiny_model("qwen3_moe")
