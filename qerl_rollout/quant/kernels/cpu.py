@@ -1,0 +1,129 @@
+"""Fast CPU path: builds cpu_quant.cpp once with g++ and calls it through ctypes.
+
+How it works: the C++ source next to this file is compiled into a shared library
+(`g++ -O3 -march=native -fopenmp -ffp-contract=off`) cached under
+`$QERL_KERNEL_CACHE` (default `~/.cache/qerl_rollout/kernels`), named by a hash of source,
+flags and machine, and written atomically so concurrent processes can share it. The kernels
+read the weight's raw 16-bit patterns and write the compressed tensors into buffers allocated
+here with torch, using torch's thread count. A plain C ABI (no torch headers, no pybind) keeps
+the build to about a second.
+
+What it leaves out: anything but contiguous CPU bf16/fp16 input (callers fall back to the
+reference twin), and GPUs (Triton kernels live elsewhere). If g++ is missing or the build
+fails, `available()` is False and the caller uses the reference twin; set
+`QERL_QUANT_KERNEL=reference` to force that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QERL_KERNEL_CACHE") or Path.home() / ".cache" / "qerl_rollout" / "kernels"
+    return Path(root)
+
+
+def _build() -> Path:
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode() + platform.node().encode()).hexdigest()
+    lib = _cache_dir() / f"cpu_quant-{key[:16]}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    cmd = [shutil.which("g++") or "g++", *_FLAGS, str(_SOURCE), "-o", tmp]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    os.replace(tmp, lib)
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("QERL_QUANT_KERNEL") == "reference":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        log.warning("qerl_rollout.quant: C++ kernels unavailable, using the torch twin: %s", detail)
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.qr_absmax_u16.argtypes = [ptr, i64, i64, ptr, c_int]
+    lib.qr_absmax_u16.restype = None
+    lib.qr_fp8.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int]
+    lib.qr_fp8.restype = ctypes.c_uint16
+    lib.qr_nvfp4.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
+    lib.qr_nvfp4.restype = ctypes.c_uint16
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def supports(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype in _INF_BITS and available()
+
+
+def _check_finite(seen_bits: int, dtype: torch.dtype) -> None:
+    if seen_bits >= _INF_BITS[dtype]:
+        raise ValueError("weight contains NaN or Inf")
+
+
+def absmax(w_3d: torch.Tensor) -> torch.Tensor:
+    """Per-expert max |w| of an (E, N, K) tensor, in w's dtype; raises on NaN/Inf."""
+    w_3d = w_3d.contiguous()
+    E = w_3d.shape[0]
+    out = torch.empty(E, dtype=torch.int16)
+    _lib().qr_absmax_u16(w_3d.data_ptr(), E, w_3d[0].numel(), out.data_ptr(), torch.get_num_threads())
+    _check_finite(int(out.max()), w_3d.dtype)
+    return out.view(w_3d.dtype)
+
+
+def fp8(w_3d: torch.Tensor, block: tuple[int, int], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, N, K) -> (w_fp8 (E, N, K), scale (E, ceil(N/bh), ceil(K/bw)) in w's dtype)."""
+    w_3d = w_3d.contiguous()
+    E, N, K = w_3d.shape
+    bh, bw = block
+    w_fp8 = torch.empty((E, N, K), dtype=torch.float8_e4m3fn)
+    scale = torch.empty((E, -(-N // bh), -(-K // bw)), dtype=w_3d.dtype)
+    seen = _lib().qr_fp8(
+        w_3d.data_ptr(), int(w_3d.dtype == torch.bfloat16), E, N, K, bh, bw,
+        w_fp8.data_ptr(), scale.data_ptr(), eps, torch.get_num_threads(),
+    )
+    _check_finite(seen, w_3d.dtype)
+    return w_fp8, scale
+
+
+def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, N, K) with fp32 global_scale (E,) -> (packed (E, N, K/2) uint8, scale (E, N, K/16) e4m3)."""
+    w_3d = w_3d.contiguous()
+    E, N, K = w_3d.shape
+    global_scale = global_scale.to(torch.float32).contiguous()
+    packed = torch.empty((E, N, K // 2), dtype=torch.uint8)
+    scale = torch.empty((E, N, K // 16), dtype=torch.uint8)
+    seen = _lib().qr_nvfp4(
+        w_3d.data_ptr(), int(w_3d.dtype == torch.bfloat16), E, N, K,
+        global_scale.data_ptr(), packed.data_ptr(), scale.data_ptr(), torch.get_num_threads(),
+    )
+    _check_finite(seen, w_3d.dtype)
+    return packed, scale.view(torch.float8_e4m3fn)

@@ -1,0 +1,318 @@
+"""The trainable policy: a transformers causal LM in BF16 with peft LoRA adapters.
+
+`Policy` loads a checkpoint directory in BF16, attaches LoRA to attention projections
+(`target_modules`) and optionally to fused MoE expert parameters (`target_parameters`, e.g.
+"mlp.experts.gate_up_proj"), and owns the AdamW optimizer with linear warmup + cosine decay.
+Only the adapters train; peft keeps them in fp32 beside the BF16 base weights.
+
+Batches are `TokenBatch`es: prompts left-padded to P, responses right-padded to R, so row b is
+[pad.. prompt | response ..pad] and every response starts at column P. Position ids count only
+real tokens, so padding changes nothing but round-off. Log-probabilities come back as (B, R),
+one per response token, zero on response padding; prompt tokens are never scored.
+
+`reference_logprobs` runs the same model inside `disable_adapter()`, so the KL reference costs
+a forward pass, not a second copy of the weights. `train_step` is one optimizer step of GRPO:
+mismatch correction against the rollout log-probs (`rl.mismatch`), the loss (`rl.grpo`)
+accumulated over micro-batches with whole-batch denominators, gradient clipping, AdamW, LR
+schedule. Left out: multiple PPO epochs inside one call (call `train_step` again with the same
+`logp_old`), optimizer-state checkpointing, and any distributed data parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qerl_rollout.rl.grpo import GRPOConfig, entropy_from_logits, grpo_loss
+from qerl_rollout.rl.mismatch import MismatchConfig, correct_mismatch
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class PolicyConfig:
+    """Model, adapters and optimizer of the trainer."""
+
+    model_path: str = ""
+    dtype: str = "bfloat16"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS
+    target_parameters: tuple[str, ...] = ()  # e.g. ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    gradient_checkpointing: bool = False
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class TokenBatch:
+    """Prompt+response token ids laid out for scoring. L = P + R columns.
+
+    input_ids, attention_mask, position_ids: (B, L); response_mask: (B, R) float, 1 on real
+    response tokens. `prompt_len` is P; response token r of row b is input_ids[b, P + r].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_len: int
+
+    @classmethod
+    def from_token_lists(
+        cls, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+    ) -> TokenBatch:
+        """Left-pad prompts, right-pad responses, and build masks and position ids."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: a response token needs at least one token before it")
+        P = max(len(p) for p in prompts)
+        R = max(1, max(len(r) for r in responses))
+        rows, attn, resp_mask = [], [], []
+        for p, r in zip(prompts, responses):
+            rows.append([pad_id] * (P - len(p)) + list(p) + list(r) + [pad_id] * (R - len(r)))
+            attn.append([0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)))
+            resp_mask.append([1.0] * len(r) + [0.0] * (R - len(r)))
+        attention_mask = torch.tensor(attn, dtype=torch.long)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(
+            input_ids=torch.tensor(rows, dtype=torch.long),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            response_mask=torch.tensor(resp_mask, dtype=torch.float32),
+            prompt_len=P,
+        )
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """(B, R) response token ids (padding included; see response_mask)."""
+        return self.input_ids[:, self.prompt_len :]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        """Rows [start, stop) as a new batch (views, no copy)."""
+        return TokenBatch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.position_ids[start:stop],
+            self.response_mask[start:stop],
+            self.prompt_len,
+        )
+
+    def to(self, device) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.response_mask.to(device),
+            self.prompt_len,
+        )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_lora_model(cfg: PolicyConfig, device: torch.device):
+    """Load `cfg.model_path` in `cfg.dtype` and wrap it in a peft LoRA model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
+    model.to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules) or None,
+        target_parameters=list(cfg.target_parameters) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def build_optimizer(params, cfg: PolicyConfig):
+    """AdamW over `params` with linear warmup then cosine decay to 0 at `total_steps`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.total_steps)
+    return optimizer, scheduler
+
+
+class Policy:
+    """BF16 base + LoRA adapters, with log-prob scoring and a GRPO `train_step`."""
+
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        grpo: GRPOConfig | None = None,
+        mismatch: MismatchConfig | None = None,
+    ):
+        self.cfg = cfg
+        self.grpo = grpo or GRPOConfig()
+        self.mismatch = mismatch or MismatchConfig()
+        self.device = _resolve_device(cfg.device)
+        with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG left alone
+            torch.manual_seed(cfg.seed)
+            self.model = load_lora_model(cfg, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg)
+        self.step = 0
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def _forward(self, batch: TokenBatch, with_entropy: bool = False):
+        """-> ((b, R) log-probs of the response tokens, (b, R) entropy or None); grads flow."""
+        batch = batch.to(self.device)
+        R = batch.response_mask.shape[1]
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=R + 1,
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1].float()  # position P-1+r predicts response token r
+        log_probs = torch.log_softmax(logits, dim=-1)
+        logp = log_probs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+        logp = logp * batch.response_mask
+        entropy = entropy_from_logits(logits) * batch.response_mask if with_entropy else None
+        return logp, entropy
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, micro_batch_size: int | None = None) -> torch.Tensor:
+        """(B, R) log-probs of the response tokens under the current policy (adapters on).
+
+        Scored in eval mode (no LoRA dropout), so they serve as logp_old.
+        """
+        size = micro_batch_size or self.cfg.micro_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            parts = [self._forward(batch.rows(i, i + size))[0] for i in range(0, len(batch), size)]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TokenBatch, micro_batch_size: int | None = None):
+        """(B, R) log-probs under the base model: the same weights with the adapters disabled."""
+        with self.model.disable_adapter():
+            return self.logprobs(batch, micro_batch_size)
+
+    # --- training ------------------------------------------------------------------------
+
+    def train_step(
+        self,
+        batch: TokenBatch,
+        advantages: torch.Tensor,
+        logp_rollout: torch.Tensor | None = None,
+        logp_old: torch.Tensor | None = None,
+        logp_ref: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on `batch` with (B,) advantages; returns metrics.
+
+        logp_old (B, R) defaults to the current policy's log-probs (one update per batch,
+        on-policy); logp_rollout (B, R), when given, drives the mismatch correction; logp_ref
+        is computed with the adapters off when `kl_coef > 0` and it is not given.
+        """
+        metrics = self.backward(batch, advantages, logp_rollout, logp_old, logp_ref)
+        metrics.update(self.optimizer_step())
+        return metrics
+
+    def backward(
+        self,
+        batch: TokenBatch,
+        advantages: torch.Tensor,
+        logp_rollout: torch.Tensor | None = None,
+        logp_old: torch.Tensor | None = None,
+        logp_ref: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """Accumulate the GRPO loss gradient of `batch` into the adapters' `.grad` (no step).
+
+        The batch is cut into `micro_batch_size` rows; each micro-batch loss is divided by the
+        whole batch's token / sequence counts, so the accumulated gradient does not depend on
+        the micro-batch size.
+        """
+        self.model.train()
+        mask = batch.response_mask.to(self.device)
+        advantages = advantages.to(self.device).float()
+        logp_old = (self.logprobs(batch) if logp_old is None else logp_old).to(self.device)
+        is_weights, metrics = None, {}
+        if logp_rollout is not None:
+            is_weights, mask, metrics = correct_mismatch(
+                logp_old, logp_rollout.to(self.device), mask, self.mismatch
+            )
+        if self.grpo.kl_coef > 0 and logp_ref is None:
+            logp_ref = self.reference_logprobs(batch)
+        logp_ref = None if logp_ref is None else logp_ref.to(self.device)
+        denominators = {  # clamped: a batch the rejection emptied gives a zero gradient, not NaN
+            "num_tokens": mask.sum().clamp(min=1),
+            "num_seqs": (mask.sum(-1) > 0).sum().clamp(min=1),
+        }
+        want_entropy = self.grpo.entropy_coef > 0
+        logp_new, entropies, loss_total = [], [], 0.0
+        for i in range(0, len(batch), self.cfg.micro_batch_size):
+            sl = slice(i, i + self.cfg.micro_batch_size)
+            logp, entropy = self._forward(batch.rows(sl.start, sl.stop), want_entropy)
+            loss, _ = grpo_loss(
+                logp, logp_old[sl], advantages[sl], mask[sl], self.grpo,
+                is_weights=None if is_weights is None else is_weights[sl],
+                logp_ref=None if logp_ref is None else logp_ref[sl],
+                entropy=entropy, **denominators,
+            )
+            loss.backward()
+            loss_total += loss.item()
+            logp_new.append(logp.detach())
+            entropies.append(entropy if entropy is None else entropy.detach())
+        metrics.update(self._batch_metrics(logp_new, entropies, logp_old, advantages, mask,
+                                           is_weights, logp_ref))
+        metrics["loss"] = loss_total
+        return metrics
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip the gradient norm, step AdamW and the LR schedule, clear the gradients."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"grad_norm": grad_norm.item(), "lr": lr}
+
+    @torch.no_grad()
+    def _batch_metrics(self, logp_new, entropies, logp_old, advantages, mask, is_weights, logp_ref):
+        """Loss-side metrics over the whole batch (micro-batches glued back together)."""
+        entropy = None if entropies[0] is None else torch.cat(entropies)
+        _, metrics = grpo_loss(
+            torch.cat(logp_new), logp_old, advantages, mask, self.grpo,
+            is_weights=is_weights, logp_ref=logp_ref, entropy=entropy,
+        )
+        metrics["response_tokens"] = mask.sum().item()
+        return metrics
+
+    def save_adapter(self, path: str | Path) -> None:
+        """Write the LoRA adapter (peft format) to `path`."""
+        self.model.save_pretrained(str(path))

@@ -1,0 +1,21 @@
+"""Ray actors and transports; the only package that imports ray (ARCHITECTURE.md, rule 1).
+
+`rollout_worker`: the `RolloutWorker` actor that owns a vLLM `RolloutEngine`.
+`transport`: `RayWeightReceiver`, the trainer-side end of a weight push through Ray's
+object store, and the GPU transports' design.
+"""
+
+from qerl_rollout.workers.rollout_worker import (
+    RolloutWorker,
+    RolloutWorkerActor,
+    start_rollout_worker,
+)
+from qerl_rollout.workers.transport import (
+    PackedBucket,
+    RayWeightReceiver,
+    pack_bucket,
+    unpack_bucket,
+)
+
+__all__ = ["PackedBucket", "RayWeightReceiver", "RolloutWorker", "RolloutWorkerActor",
+           "pack_bucket", "start_rollout_worker", "unpack_bucket"]

@@ -1,0 +1,95 @@
+"""RolloutWorker: a Ray actor that owns one `RolloutEngine` (vLLM in-process inside the actor).
+
+How it works.
+- `start_rollout_worker(model_dir, quant, ...)` creates the actor with the environment vLLM
+  needs set through Ray's `runtime_env`: `VLLM_ENABLE_V1_MULTIPROCESSING=0` (vLLM runs in
+  the actor's own process, so weight reloads take tensors directly) and
+  `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache on CPU). The actor sets both again before it
+  imports vLLM, for actors made with `RolloutWorkerActor.remote` directly.
+- The actor exposes the engine's serving calls (`generate`, `score`, `version`) and the
+  `WeightReceiver` calls (`begin_update`, `load`, `commit`, `abort`, `manifest`), plus
+  `info()`, which returns mode, scheme, version and manifest in one round trip.
+- `load` takes a `PackedBucket` (see `transport.py`); pass it as `ray.put(...)` object
+  reference and Ray resolves it to zero-copy views of the object store before the call.
+  The trainer side of this is `transport.RayWeightReceiver`.
+- Calls run one at a time in submission order (a plain, non-async actor), so a `generate`
+  submitted during a push waits for the calls before it and then raises
+  `EngineStateError` if the update has not committed.
+
+Left out: several engines per actor or tensor-parallel engines spread over actors, GPU
+placement groups (pass `num_gpus` to `start_rollout_worker` for one GPU per actor), and
+restarting a dead actor (the orchestration decides that).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from qerl_rollout.config import QuantConfig
+from qerl_rollout.rollout.types import Sample
+from qerl_rollout.workers.transport import PackedBucket, unpack_bucket
+
+
+def engine_env(kv_cache_gib: float = 1) -> dict[str, str]:
+    """Environment a vLLM engine needs inside an actor process."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
+
+
+class RolloutWorker:
+    """Plain class behind the actor; `RolloutWorkerActor` is its `ray.remote` form."""
+
+    def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
+                 seed: int = 0, max_model_len: int = 1024, **engine_options):
+        for key, value in engine_env().items():
+            os.environ.setdefault(key, value)
+        from qerl_rollout.rollout.engine import RolloutEngine  # imports vLLM lazily
+
+        self.engine = RolloutEngine(model_dir, quant, seed=seed, max_model_len=max_model_len,
+                                    **engine_options)
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"mode": e.mode, "scheme": e.scheme, "version": e.version, "manifest": e.manifest()}
+
+    # -- serving ---------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
+        return self.engine.generate(prompt_token_ids, **sampling)
+
+    def score(self, prompt_token_ids: list[list[int]],
+              response_token_ids: list[list[int]]) -> list[list[float]]:
+        return self.engine.score(prompt_token_ids, response_token_ids)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    # -- WeightReceiver --------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return self.engine.manifest()
+
+    def begin_update(self, version: int) -> None:
+        self.engine.begin_update(version)
+
+    def load(self, packed: PackedBucket) -> None:
+        self.engine.load(unpack_bucket(packed))
+
+    def commit(self, version: int) -> None:
+        self.engine.commit(version)
+
+    def abort(self, reason: str) -> None:
+        self.engine.abort(reason)
+
+
+RolloutWorkerActor = ray.remote(RolloutWorker)
+
+
+def start_rollout_worker(model_dir: str | Path, quant: QuantConfig | None = None, *,
+                         num_cpus: float = 1, num_gpus: float = 0, kv_cache_gib: float = 1,
+                         env_vars: dict[str, str] | None = None, **engine_kwargs):
+    """Create a `RolloutWorker` actor (returns at once; the engine starts in the actor)."""
+    env = {**engine_env(kv_cache_gib), **(env_vars or {})}
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+    return RolloutWorkerActor.options(**options).remote(str(model_dir), quant, **engine_kwargs)

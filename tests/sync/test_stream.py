@@ -1,0 +1,128 @@
+"""Units, encoding/decoding of the wire payload, and bucketing (pure, no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from qerl_rollout.quant import quantize
+from qerl_rollout.quant.plan import build_plan
+from qerl_rollout.sync.bucket import buckets, nbytes
+from qerl_rollout.sync.stream import Piece, Unit, decode_payload, encode_unit, pieces, unit_of, units
+
+
+@pytest.mark.parametrize("name, unit", [
+    ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn"),
+    ("model.layers.3.self_attn.q_norm.weight", "model.layers.3.self_attn"),
+    ("model.layers.3.mlp.experts.7.up_proj.weight", "model.layers.3.mlp.experts"),
+    ("model.layers.3.block_sparse_moe.experts.0.w1.weight", "model.layers.3.block_sparse_moe.experts"),
+    ("model.layers.3.mlp.gate.weight", "model.layers.3.mlp"),
+    ("model.layers.3.mlp.gate.e_score_correction_bias", "model.layers.3.mlp"),
+    ("model.layers.3.mlp.shared_expert.down_proj.weight", "model.layers.3.mlp.shared_expert"),
+    ("model.layers.3.input_layernorm.weight", "model.layers.3"),
+    ("model.embed_tokens.weight", "model"),
+    ("lm_head.weight", ""),
+])
+def test_unit_of(name, unit):
+    assert unit_of(name) == unit
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3_moe):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), dtype=torch.bfloat16)
+
+
+def _units(model, scheme):
+    plan = build_plan(model.config, scheme)
+    return plan, list(units(pieces(plan, model.state_dict().items())))
+
+
+def test_units_are_whole_and_never_repeat(qwen3):
+    _, us = _units(qwen3, "fp8_block")
+    keys = [u.key for u in us]
+    # Inside decoder layers a unit arrives once; the top level ("model") comes twice, as the
+    # embedding first and the final norm last: two separate engine layers, which is allowed.
+    layer_keys = [k for k in keys if ".layers." in k]
+    assert len(layer_keys) == len(set(layer_keys)), keys
+    top = [[n for p in u.pieces for n in p.names] for u in us if u.key == "model"]
+    assert top == [["model.embed_tokens.weight"], ["model.norm.weight"]]
+    attn = next(u for u in us if u.key == "model.layers.0.self_attn")
+    names = [n for p in attn.pieces for n in p.names]
+    assert sorted(names) == sorted(f"model.layers.0.self_attn.{p}.weight"
+                                   for p in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"])
+    experts = next(u for u in us if u.key == "model.layers.0.mlp.experts")
+    assert sum(len(p.names) for p in experts.pieces) == 8 * 3   # gate, up, down of 8 experts
+
+
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "nvfp4"])
+def test_decode_of_encode_is_the_qdq_of_every_quantized_tensor(qwen3, scheme):
+    plan, us = _units(qwen3, scheme)
+    sd = qwen3.state_dict()
+    shapes = {}
+    for n, t in sd.items():
+        for names, stack in plan.checkpoint_stacks(n, t):
+            shapes.update((ck, tuple(stack.shape[1:]) if len(names) > 1 else tuple(stack.shape)) for ck in names)
+    for unit in us:
+        wire = encode_unit(unit, plan, scheme)
+        decoded = dict(decode_payload(wire, scheme, shapes))
+        for piece in unit.pieces:
+            quantized = plan.for_checkpoint(piece.names[0]).quantized
+            tensors = piece.tensor.unbind(0) if piece.stacked else [piece.tensor]
+            for name, t in zip(piece.names, tensors):
+                got = decoded[name]
+                assert got.dtype == torch.bfloat16
+                if not quantized:
+                    assert torch.equal(got, t), name
+                    assert not any(k.startswith(name.removesuffix(".weight") + ".weight_")
+                                   for k, _ in wire), name
+    # Spot check against the quantizer directly: a standalone tensor (o_proj, no group).
+    o = sd["model.layers.0.self_attn.o_proj.weight"]
+    attn = next(u for u in us if u.key == "model.layers.0.self_attn")
+    decoded = dict(decode_payload(encode_unit(attn, plan, scheme), scheme, shapes))
+    assert torch.equal(decoded["model.layers.0.self_attn.o_proj.weight"], quantize(o, scheme).dequantize())
+    assert not torch.equal(decoded["model.layers.0.self_attn.o_proj.weight"], o)   # really quantized
+
+
+def test_nvfp4_fused_groups_share_one_global_scale(qwen3):
+    plan, us = _units(qwen3, "nvfp4")
+    wire = dict(w for u in us for w in encode_unit(u, plan, "nvfp4"))
+    prefix = "model.layers.1.self_attn."
+    gs = [wire[prefix + f"{p}.weight_global_scale"] for p in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(gs[0], gs[1]) and torch.equal(gs[1], gs[2])
+    sd = qwen3.state_dict()
+    amax = max(sd[prefix + f"{p}.weight"].abs().max() for p in ("q_proj", "k_proj", "v_proj"))
+    # The smaller of the three scales: computed from the largest amax (448*6/amax in bf16).
+    expected = (torch.tensor(448 * 6, dtype=torch.bfloat16) / amax.to(torch.bfloat16)).float()
+    assert torch.equal(gs[0].reshape(()), expected.reshape(()))
+    # o_proj is alone: its own scale.
+    o = sd[prefix + "o_proj.weight"]
+    assert torch.equal(wire[prefix + "o_proj.weight_global_scale"].reshape(()),
+                       (torch.tensor(2688.0, dtype=torch.bfloat16) / o.abs().max()).float().reshape(()))
+    # gate/up of each expert share one; different experts generally differ.
+    e = "model.layers.0.mlp.experts."
+    for i in range(8):
+        assert torch.equal(wire[e + f"{i}.gate_proj.weight_global_scale"], wire[e + f"{i}.up_proj.weight_global_scale"])
+    assert len({wire[e + f"{i}.gate_proj.weight_global_scale"].item() for i in range(8)}) > 1
+
+
+def test_nan_in_a_quantized_tensor_names_the_trainer_tensor(qwen3):
+    plan = build_plan(qwen3.config, "fp8_block")
+    w = qwen3.state_dict()["model.layers.0.self_attn.q_proj.weight"].clone()
+    w[3, 5] = float("nan")
+    unit = Unit("model.layers.0.self_attn", [Piece(("model.layers.0.self_attn.q_proj.weight",), w, "trainer.q")])
+    with pytest.raises(ValueError, match="trainer.q"):
+        encode_unit(unit, plan, "fp8_block")
+
+
+def test_buckets_close_at_unit_boundaries_and_oversized_units_travel_alone():
+    def unit(n_bytes, tag):
+        return [(f"{tag}.weight", torch.zeros(n_bytes, dtype=torch.uint8))]
+
+    sizes = [40, 40, 30, 200, 10]
+    out = list(buckets((unit(s, f"u{i}") for i, s in enumerate(sizes)), max_bytes=100))
+    assert [[n for n, _ in b] for b in out] == [["u0.weight", "u1.weight"], ["u2.weight"],
+                                              ["u3.weight"], ["u4.weight"]]
+    assert [nbytes(b) for b in out] == [80, 30, 200, 10]
+    with pytest.raises(ValueError):
+        list(buckets([], 0))

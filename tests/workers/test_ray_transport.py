@@ -1,0 +1,166 @@
+"""Weight pushes into a `RolloutWorker` actor through Ray's object store (a real local Ray).
+
+One actor engine and one in-process engine (tiny Qwen3-MoE, fp8_block, emulate on CPU) are
+shared by the module. Both receive the same push of a peft-LoRA policy; the actor's scores
+and seeded samples must equal the in-process engine's exactly, since the same bytes reach
+the same vLLM code. Per-dtype packing round trips go through a separate Ray worker process
+and are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from qerl_rollout.config import QuantConfig
+from qerl_rollout.rollout.types import EngineStateError
+from qerl_rollout.sync.weight_sync import WeightSync
+from qerl_rollout.workers import (
+    RayWeightReceiver,
+    pack_bucket,
+    start_rollout_worker,
+    unpack_bucket,
+)
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]]
+RESPONSES = [[21, 22, 23, 24], [31, 32, 33]]
+BUCKET_BYTES = 512 << 10          # several buckets for the 5 MB tiny model: exercises pipelining
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def worker(ray_cluster, tiny_qwen3_moe):
+    """The actor handle; returns at once, so the actor's engine starts beside the local one."""
+    return start_rollout_worker(tiny_qwen3_moe, QuantConfig("fp8_block"), num_cpus=1)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_qwen3_moe):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.bfloat16)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:   # peft starts B at zero; make the adapters change the weights
+                p.normal_(std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pushed(worker, policy, tiny_qwen3_moe):
+    """Push the same policy into the actor (over Ray) and into an in-process engine."""
+    from qerl_rollout.rollout.engine import RolloutEngine
+
+    local = RolloutEngine(tiny_qwen3_moe, QuantConfig("fp8_block"))
+    receiver = RayWeightReceiver(worker)                 # waits for the actor's engine
+    before = ray.get(worker.score.remote(PROMPTS, RESPONSES))
+    remote_report = WeightSync(receiver, bucket_bytes=BUCKET_BYTES).push(policy)
+    local_report = WeightSync(local, bucket_bytes=BUCKET_BYTES).push(policy)
+    return local, receiver, before, remote_report, local_report
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float8_e4m3fn", "uint8", "float32",
+                                  "bfloat16_transposed", "float32_scalar"])
+def test_packed_bucket_round_trip_is_bit_exact(ray_cluster, case):
+    tensor = _special_values(case)
+    ref = ray.put(pack_bucket([("x.weight", tensor), ("y.bias", torch.arange(3.0))]))
+    name, dtype, shape, raw = ray.get(_unpack_in_other_process.remote(ref))
+    assert (name, dtype, shape) == ("x.weight", tensor.dtype, tuple(tensor.shape))
+    assert raw == tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_push_over_ray_equals_in_process_push(pushed, worker):
+    local, receiver, before, remote_report, local_report = pushed
+    assert remote_report.buckets > 1 and remote_report.buckets == local_report.buckets
+    assert remote_report.version == local_report.version == 1
+    assert receiver.version == local.version == 1
+    after = ray.get(worker.score.remote(PROMPTS, RESPONSES))
+    assert after != before                               # the LoRA push changed the weights
+    assert after == local.score(PROMPTS, RESPONSES)      # exact: same bytes, same vLLM code
+    sampling = {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    remote_samples = ray.get(worker.generate.remote(PROMPTS, **sampling))
+    local_samples = local.generate(PROMPTS, **sampling)
+    assert [(s.token_ids, s.logprobs, s.version) for s in remote_samples] == \
+           [(s.token_ids, s.logprobs, s.version) for s in local_samples]
+
+
+class _CorruptSecondBucket:
+    """Passes everything to a RayWeightReceiver but gives the 2nd bucket a misshapen tensor."""
+
+    def __init__(self, inner):
+        self.inner, self.loads = inner, 0
+        self.mode, self.scheme, self.manifest = inner.mode, inner.scheme, inner.manifest
+
+    @property
+    def version(self):
+        return self.inner.version
+
+    def __getattr__(self, name):                         # begin_update, commit, abort
+        return getattr(self.inner, name)
+
+    def load(self, bucket):
+        self.loads += 1
+        if self.loads == 2:
+            name, t = bucket[0]
+            bucket = [(name, torch.zeros(3, dtype=t.dtype))] + list(bucket[1:])
+        self.inner.load(bucket)
+
+
+def test_failed_load_in_actor_surfaces_and_blocks_serving(pushed, worker, policy):
+    local, receiver, *_ = pushed
+    corrupt = _CorruptSecondBucket(receiver)
+    sync = WeightSync(corrupt, bucket_bytes=BUCKET_BYTES, retry_full_on_transport_error=False)
+    with pytest.raises(Exception) as failure:
+        sync.push(policy)
+    chain = [failure.value, failure.value.__cause__]     # WeightSync wraps ValueError in PushError
+    assert any(isinstance(e, ray.exceptions.RayTaskError) for e in chain), chain
+    assert corrupt.loads >= 2
+    with pytest.raises(EngineStateError):
+        ray.get(worker.generate.remote(PROMPTS, max_tokens=2))
+    with pytest.raises(EngineStateError):
+        ray.get(worker.score.remote(PROMPTS, RESPONSES))
+    assert receiver.version == 1                         # the failed version never served
+    report = WeightSync(receiver, bucket_bytes=BUCKET_BYTES).push(policy)
+    assert report.version == receiver.version == 2
+    assert ray.get(worker.score.remote(PROMPTS, RESPONSES)) == local.score(PROMPTS, RESPONSES)
+
+
+def test_unpacked_tensors_view_the_packed_bytes():
+    t = torch.randn(4, 8).to(torch.bfloat16)
+    packed = pack_bucket([("w", t)])
+    (_, back), = unpack_bucket(packed)
+    assert back.data_ptr() == t.data_ptr() and torch.equal(back, t)   # no copy in-process
+    with pytest.raises(ValueError, match="twice"):
+        pack_bucket([("w", t), ("w", t)])
+
+
+@ray.remote
+def _unpack_in_other_process(packed):
+    (name, t), *_ = unpack_bucket(packed)
+    return name, t.dtype, tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _special_values(case: str) -> torch.Tensor:
+    """Tensors holding every bit pattern (8-bit) or the awkward floats (NaN, +-inf, -0.0, subnormal)."""
+    if case in ("float8_e4m3fn", "uint8"):
+        return torch.arange(256, dtype=torch.uint8).view(getattr(torch, case)).reshape(16, 16)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 3.0e38])
+    values = torch.cat([specials, torch.randn(58, generator=torch.Generator().manual_seed(0))])
+    if case == "bfloat16":
+        return values.to(torch.bfloat16).reshape(8, 8)
+    if case == "bfloat16_transposed":
+        return values.to(torch.bfloat16).reshape(8, 8).t()
+    if case == "float32":
+        return values.reshape(8, 8)
+    return torch.tensor(0.1234567)   # float32_scalar (0-d, like an NVFP4 global scale)
