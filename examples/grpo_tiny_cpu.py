@@ -56,10 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-experts", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--lora-experts", action=argparse.BooleanOptionalAction, default=False,
                    help="also put LoRA on the fused MoE experts (target_parameters)")
+    p.add_argument("--lora-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="also put LoRA on lm_head (see the module docstring for why it matters)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model-dir", default=None, help="tiny model directory (default: a temp dir)")
+    p.add_argument("--model-dir", default=None, help="tiny Qwen3-MoE checkpoint; built there (seeded by --seed) if it has no config.json "
+                   "(default: a new temp dir)")
     p.add_argument("--out", default=None, help="write the curve here as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
     return p.parse_args(argv)
@@ -80,10 +83,10 @@ def build(args):
     from qerl_rollout.data.prompts import PromptDataConfig, encode_prompt
     from qerl_rollout.rewards.synthetic import get_task
     from qerl_rollout.rl import GRPOConfig, MismatchConfig
-    from qerl_rollout.rl.policy import Policy, PolicyConfig
+    from qerl_rollout.rl.policy import ATTENTION_PROJECTIONS, Policy, PolicyConfig
     from qerl_rollout.tiny import build_tiny_model
 
-    model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="qerl-grpo-")) / "qwen3_moe"
+    model_dir = Path(args.model_dir or Path(tempfile.mkdtemp(prefix="qerl-grpo-")) / "qwen3_moe")
     if not (model_dir / "config.json").exists():
         build_tiny_model("qwen3_moe", model_dir, seed=args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -93,6 +96,7 @@ def build(args):
     policy = Policy(
         PolicyConfig(model_path=str(model_dir), device="cpu", lora_rank=args.lora_rank,
                      lora_alpha=2 * args.lora_rank, lr=args.lr, total_steps=args.steps,
+                     target_modules=ATTENTION_PROJECTIONS + (("lm_head",) if args.lora_lm_head else ()),
                      target_parameters=EXPERTS if args.lora_experts else (),
                      micro_batch_size=args.group * args.prompts_per_step, seed=args.seed),
         GRPOConfig(group_size=args.group), MismatchConfig(level="token", cap=2.0))

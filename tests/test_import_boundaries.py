@@ -76,3 +76,15 @@ def test_importing_pure_modules_loads_neither_ray_nor_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# Only `rollout/` may import vllm and only `workers/` may import ray (ARCHITECTURE.md layout).
+OWNERS = {"vllm": "rollout", "ray": "workers"}
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_vllm_only_in_rollout_and_ray_only_in_workers(path):
+    package = path.relative_to(PKG).parts[0]
+    for name in _forbidden_imports(path.read_text()):
+        owner = OWNERS[name.split(".")[0]]
+        assert package == owner, f"{path.relative_to(PKG)} imports {name}; only {owner}/ may"

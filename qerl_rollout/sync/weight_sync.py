@@ -216,7 +216,8 @@ class WeightSync:
             for unit in units(pieces(plan, merged)):
                 bytes_bf16 += sum(p.tensor.numel() * p.tensor.element_size() for p in unit.pieces)
                 with clock.phase("quantize"):
-                    yield encode_unit(unit, plan, scheme, norm_transform)
+                    payload = encode_unit(unit, plan, scheme, norm_transform)
+                yield payload   # outside the timer: the consumer loads buckets meanwhile
 
         sent = n_buckets = n_tensors = 0
         self.engine.begin_update(version)

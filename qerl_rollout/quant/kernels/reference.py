@@ -73,8 +73,11 @@ def fp8(w_3d: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch
 
 def fp8_dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """(E, N, K) fp8 and (E, nrb, ncb) scales -> (E, N, K) in the scale's dtype."""
-    N, K = w_fp8.shape[1:]
+    E, N, K = w_fp8.shape
     bh, bw = block
+    if N % bh == 0 and K % bw == 0:   # whole blocks: broadcast the scales, no expanded copy
+        w = w_fp8.to(scale.dtype).view(E, N // bh, bh, K // bw, bw)
+        return (w * scale[:, :, None, :, None]).view(E, N, K)
     scale_full = scale.repeat_interleave(bh, dim=1).repeat_interleave(bw, dim=2)[:, :N, :K]
     return w_fp8.to(scale.dtype) * scale_full
 
