@@ -35,6 +35,7 @@ rank), LoRA served unmerged, and speculative decoding.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -278,7 +279,16 @@ class RolloutEngine:
             self.llm.wake_up()
 
     def close(self) -> None:
-        del self.llm
+        """Shut the engine core down and drop the model (the process may start another)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as e:   # shutting down must not raise over the caller's own error
+            log.warning("vLLM engine shutdown failed: %s", e)
+        del llm
+        gc.collect()
 
 
 def _check_prompts(prompt_token_ids) -> None:

@@ -14,10 +14,12 @@ layer types are understood:
   (E, out, in) as peft lays it (its `_did_swap_in_out_features`), the same einsum as
   `ParamWrapper.get_delta_weight` but on fp32 factors.
 
-`fingerprint(model)` gives, per plain name, the identities and in-place version counters of
-the tensors a merged value depends on (base weight and adapter factors). An optimizer step
-bumps the counters of what it changed, so comparing fingerprints finds changed tensors
-without reading a byte. Left out: DoRA, `fan_in_fan_out`, `modules_to_save` copies and other
+`fingerprint(model)` gives, per plain name, the identities, storage pointers and in-place
+version counters of the tensors a merged value depends on (base weight and adapter factors).
+An optimizer step, `copy_`, `load_state_dict` or any in-place op bumps the counter of what it
+changed, and `param.data = new` changes the storage pointer, so comparing fingerprints finds
+changed tensors without reading a byte. A write that bypasses autograd's version counter
+(e.g. through a numpy view of the storage) is not seen; `push(full=True)` re-sends everything. Left out: DoRA, `fan_in_fan_out`, `modules_to_save` copies and other
 adapter types; they raise instead of being merged wrongly.
 """
 
@@ -145,8 +147,9 @@ def raw_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
             yield name, f"{name} (LoRA {a} B)", layer.lora_B[a].weight
 
 
-def _tensor_key(t: torch.Tensor) -> tuple[int, int]:
-    return id(t), t._version
+def _tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
+    # `param.data = new` keeps the Parameter's id but swaps its storage: data_ptr sees that.
+    return id(t), t.data_ptr(), t._version
 
 
 def fingerprint(model: nn.Module) -> dict[str, tuple]:

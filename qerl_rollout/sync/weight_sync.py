@@ -39,7 +39,7 @@ from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.rollout.types import WeightReceiver
 from qerl_rollout.sync.bucket import buckets, nbytes
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
-from qerl_rollout.sync.stream import NormTransform, encode_unit, pieces, unit_of, units
+from qerl_rollout.sync.stream import NormTransform, all_finite, encode_unit, pieces, unit_of, units
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -175,7 +175,7 @@ class WeightSync:
         if unknown:
             raise PushError(f"trainer tensors unknown to the quant plan: {unknown[:5]}")
         for name, own, t in raw_tensors(model):
-            if name in changed and not torch.isfinite(t).all():
+            if name in changed and not all_finite(t):
                 raise PushError(f"refusing to push: trainer tensor {own!r} has NaN/Inf values; "
                                 f"the engine keeps serving version {self.engine.version}")
         expected = self._expected_shapes(plan, names)

@@ -105,3 +105,14 @@ def test_merged_adapters_are_refused(tiny_qwen3_moe):
     peft_model.base_model.model.model.layers[0].self_attn.q_proj.merge()
     with pytest.raises(ValueError, match="merged adapters"):
         list(merged_named_tensors(peft_model))
+
+
+def test_fingerprint_sees_data_assignment_and_load_state_dict(tiny_qwen3_moe):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), dtype=torch.bfloat16)
+    fp0 = fingerprint(model)
+    norm = model.model.layers[0].input_layernorm.weight
+    norm.data = norm.data.clone() * 2
+    router = "model.layers.1.mlp.gate.weight"
+    model.load_state_dict({router: torch.zeros_like(model.state_dict()[router])}, strict=False)
+    fp1 = fingerprint(model)
+    assert {n for n in fp0 if fp0[n] != fp1[n]} == {"model.layers.0.input_layernorm.weight", router}

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 from qerl_rollout.quant import quantize
 from qerl_rollout.quant.plan import build_plan
 from qerl_rollout.sync.bucket import buckets, nbytes
-from qerl_rollout.sync.stream import Piece, Unit, decode_payload, encode_unit, pieces, unit_of, units
+from qerl_rollout.sync.stream import (
+    Piece, Unit, all_finite, decode_payload, encode_unit, pieces, unit_of, units,
+)
 
 
 @pytest.mark.parametrize("name, unit", [
@@ -126,3 +128,15 @@ def test_buckets_close_at_unit_boundaries_and_oversized_units_travel_alone():
     assert [nbytes(b) for b in out] == [80, 30, 200, 10]
     with pytest.raises(ValueError):
         list(buckets([], 0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_catches_nan_and_inf_anywhere(bad):
+    t = torch.randn(1000, dtype=torch.bfloat16)
+    assert all_finite(t) and all_finite(torch.empty(0))
+    for i in (0, 517, 999):
+        u = t.clone()
+        u[i] = bad
+        assert not all_finite(u)
+    big = torch.full((4,), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16)
+    assert all_finite(big)   # the largest finite values are not mistaken for overflow
