@@ -93,11 +93,11 @@ def aggregate(
     """
     mask = mask.to(loss_mat.dtype)
     if agg == "token-mean":
-        denom = mask.sum() if num_tokens is None else num_tokens
+        denom = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
         return (loss_mat * mask).sum() / denom
     seq_tokens = mask.sum(dim=-1)
     seq_alive = (seq_tokens > 0).to(loss_mat.dtype)
-    seq_denom = seq_alive.sum() if num_seqs is None else num_seqs
+    seq_denom = seq_alive.sum().clamp(min=1) if num_seqs is None else num_seqs
     seq_sums = (loss_mat * mask).sum(dim=-1)
     if agg == "seq-mean-token-mean":
         return (seq_sums / (seq_tokens + 1e-8) * seq_alive).sum() / seq_denom

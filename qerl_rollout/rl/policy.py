@@ -52,6 +52,10 @@ class PolicyConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8
     seed: int = 0
+    # Logits are divided by the rollout's sampling temperature before the log-softmax, so the
+    # trainer's log-probs and the engine's (vLLM processed_logprobs) describe the same
+    # distribution and the TIS ratio is unbiased. Sample with top_p=1: the trainer has no top-p.
+    temperature: float = 1.0
 
 
 @dataclass
@@ -194,7 +198,7 @@ class Policy:
             logits_to_keep=R + 1,
             use_cache=False,
         )
-        logits = out.logits[:, :-1].float()  # position P-1+r predicts response token r
+        logits = out.logits[:, :-1].float() / self.cfg.temperature  # P-1+r predicts token r
         log_probs = torch.log_softmax(logits, dim=-1)
         logp = log_probs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
         logp = logp * batch.response_mask

@@ -40,6 +40,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -104,13 +105,24 @@ def checkpoint_stream(model_dir: str | Path):
     """(name, tensor) of a checkpoint, grouped by decoder layer (sorted names across shards)."""
     from safetensors import safe_open
 
-    handles = {}
-    where = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        handles[f] = safe_open(str(f), "pt")
-        where.update((name, f) for name in handles[f].keys())
-    for name in sorted(where):
-        yield name, handles[where[name]].get_tensor(name)
+    with ExitStack() as stack:
+        where = {}
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(f), "pt"))
+            where.update((name, handle) for name in handle.keys())
+        for name in sorted(where):
+            yield name, where[name].get_tensor(name)
+
+
+def _export_key(model_dir: Path, scheme: str) -> str:
+    """Changes when the checkpoint's files, the scheme or this package's version change."""
+    from qerl_rollout import __version__
+
+    parts = [str(model_dir.resolve()), scheme, __version__]
+    for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def _install_cpu_moe_reload_fix(model: torch.nn.Module) -> int:
@@ -169,7 +181,7 @@ class RolloutEngine:
         from qerl_rollout.quant.export import export_checkpoint
 
         if export_dir is None:
-            key = hashlib.sha256(f"{self.model_dir.resolve()}:{self.scheme}".encode()).hexdigest()[:16]
+            key = _export_key(self.model_dir, self.scheme)
             export_dir = Path.home() / ".cache" / "qerl_rollout" / "exports" / f"{self.model_dir.name}-{self.scheme}-{key}"
         export_dir = Path(export_dir)
         if not (export_dir / "config.json").exists():

@@ -15,16 +15,19 @@ layer types are understood:
   `ParamWrapper.get_delta_weight` but on fp32 factors.
 
 `fingerprint(model)` gives, per plain name, the identities, storage pointers and in-place
-version counters of the tensors a merged value depends on (base weight and adapter factors).
-An optimizer step, `copy_`, `load_state_dict` or any in-place op bumps the counter of what it
-changed, and `param.data = new` changes the storage pointer, so comparing fingerprints finds
-changed tensors without reading a byte. A write that bypasses autograd's version counter
-(e.g. through a numpy view of the storage) is not seen; `push(full=True)` re-sends everything. Left out: DoRA, `fan_in_fan_out`, `modules_to_save` copies and other
+version counters of the tensors a merged value depends on (base weight and adapter factors),
+and for small tensors (<= 65536 elements: norms, biases, LoRA factors) a hash of their bytes.
+An optimizer step, `copy_`, `load_state_dict` or any in-place op on the parameter bumps its
+counter, and `param.data = new` changes the storage pointer, so changed large tensors are
+found without reading them. A large tensor written through the `.data` alias
+(`p.data.add_(x)`: only the alias's counter moves) or a numpy view is NOT seen;
+`push(full=True)` re-sends everything after such writes. Left out: DoRA, `fan_in_fan_out`, `modules_to_save` copies and other
 adapter types; they raise instead of being merged wrongly.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -53,6 +56,9 @@ def _active_adapters(layer: nn.Module) -> list[str]:
         return []
     active = layer.active_adapters
     active = [active] if isinstance(active, str) else list(active)
+    if any(a in getattr(layer, "lora_embedding_A", {}) for a in active):
+        raise NotImplementedError(f"LoRA on embeddings ({type(layer).__name__}) is not supported by "
+                                  "the weight sync; target attention/MLP projections or experts")
     adapters = [a for a in active if a in layer.lora_A]
     for a in adapters:
         if getattr(layer, "use_dora", {}).get(a, False):
@@ -147,9 +153,21 @@ def raw_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
             yield name, f"{name} (LoRA {a} B)", layer.lora_B[a].weight
 
 
-def _tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
-    # `param.data = new` keeps the Parameter's id but swaps its storage: data_ptr sees that.
-    return id(t), t.data_ptr(), t._version
+SMALL_TENSOR_NUMEL = 1 << 16
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity, storage and version counter; plus a content hash for small tensors.
+
+    `param.data = new` keeps the Parameter's id but swaps its storage (data_ptr sees it).
+    Writes through the `.data` alias (`p.data.mul_(2)`) bump only the alias's counter, so for
+    small tensors (norms, biases, routing biases, LoRA factors) the bytes are hashed too.
+    """
+    key = (id(t), t.data_ptr(), t._version)
+    if t.numel() <= SMALL_TENSOR_NUMEL:
+        data = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        key += (hashlib.blake2b(data.numpy().tobytes(), digest_size=16).digest(),)
+    return key
 
 
 def fingerprint(model: nn.Module) -> dict[str, tuple]:

@@ -59,7 +59,9 @@ class Unit:
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in `t`. One reduction (max |t| propagates NaN and Inf), ~4x faster on CPU
     than `isfinite(t).all()`, which materialises a bool tensor."""
-    return t.numel() == 0 or bool(torch.isfinite(t.abs().amax()))
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.abs().amax()))
 
 
 def unit_of(checkpoint_name: str) -> str:

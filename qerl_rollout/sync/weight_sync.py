@@ -49,6 +49,17 @@ class PushError(RuntimeError):
     """A push was refused (preflight) or failed; the message says what and where."""
 
 
+class TransportError(RuntimeError):
+    """The engine or the transport failed during a push (not the trainer's tensors)."""
+
+
+def _engine_call(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        raise TransportError(f"{type(e).__name__}: {e}") from e
+
+
 @dataclass
 class SyncReport:
     """What one push did. `seconds` has merge, quantize, load, commit, preflight and total."""
@@ -114,6 +125,7 @@ class WeightSync:
         self._plan = plan
         self._manifest = None
         self._pushed: dict[str, tuple] | None = None
+        self._norms_transformed = False   # the engine's norms differ from the trainer's
 
     # -- public ---------------------------------------------------------------------------
     def push(self, model: nn.Module, *, full: bool = False,
@@ -130,14 +142,13 @@ class WeightSync:
                 now = fingerprint(model)
                 full = full or self._pushed is None
                 changed = set(now) if full else {n for n in now if self._pushed.get(n) != now[n]}
-                names = self._names_to_send(plan, changed, norm_transform is not None)
+                resend_norms = norm_transform is not None or self._norms_transformed
+                names = self._names_to_send(plan, changed, resend_norms)
                 self._preflight(model, plan, names, changed)
             version = self.engine.version + 1
             try:
                 report = self._stream(model, plan, names, version, full, norm_transform, clock)
-            except PushError:
-                raise
-            except Exception as e:
+            except TransportError as e:
                 if not self.retry:
                     raise
                 log.warning("push of version %d failed in transport (%s); re-pushing in full", version, e)
@@ -145,6 +156,7 @@ class WeightSync:
                 report.retried = True
         report.seconds = clock.seconds
         self._pushed = now
+        self._norms_transformed = norm_transform is not None
         return report
 
     @property
@@ -195,8 +207,8 @@ class WeightSync:
         manifest = self._manifest
         kernel = self.engine.mode == "kernel"
         for ck, shape in expected.items():
-            if kernel and ck + "_packed" in manifest:   # NVFP4 stores x.weight as x.weight_packed
-                continue
+            if kernel and ck + "_packed" in manifest:   # NVFP4 stores x.weight as (N, K/2) uint8
+                ck, shape = ck + "_packed", (*shape[:-1], shape[-1] // 2)
             if ck not in manifest:
                 raise PushError(f"engine has no tensor named {ck!r} (trainer/engine model mismatch)")
             if tuple(manifest[ck][0]) != shape:
@@ -220,16 +232,16 @@ class WeightSync:
                 yield payload   # outside the timer: the consumer loads buckets meanwhile
 
         sent = n_buckets = n_tensors = 0
-        self.engine.begin_update(version)
+        _engine_call(self.engine.begin_update, version)
         try:
             for bucket in buckets(encoded(), self.bucket_bytes):
                 with clock.phase("load"):
-                    self.engine.load(bucket)
+                    _engine_call(self.engine.load, bucket)
                 n_buckets += 1
                 n_tensors += len(bucket)
                 sent += nbytes(bucket)
             with clock.phase("commit"):
-                self.engine.commit(version)
+                _engine_call(self.engine.commit, version)
         except ValueError as e:
             self.engine.abort(str(e))
             raise PushError(str(e)) from e

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
 from qerl_rollout.rollout.types import EngineStateError
-from qerl_rollout.sync.weight_sync import PushError
+from qerl_rollout.sync.weight_sync import PushError, TransportError
 from qerl_rollout.tiny import build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [300, 301, 302, 303]]
@@ -145,8 +145,9 @@ def test_failure_midway_refuses_to_serve_until_a_push_completes(engine, tiny_qwe
     policy = attention_lora(tiny_qwen3_moe, seed=3)
     version = engine.version
     flaky = Recorder(engine, fail_on_load=2)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(TransportError, match="transport dropped bucket") as failure:
         WeightSync(flaky, bucket_bytes=1 << 20, retry_full_on_transport_error=False).push(policy)
+    assert isinstance(failure.value.__cause__, ConnectionError)
     assert engine.version == version
     with pytest.raises(EngineStateError, match="push again"):
         engine.generate(PROMPTS)
@@ -159,15 +160,28 @@ def test_failure_midway_refuses_to_serve_until_a_push_completes(engine, tiny_qwe
 
 def test_transport_failure_is_retried_in_full(engine, tiny_qwen3_moe):
     policy = attention_lora(tiny_qwen3_moe, seed=4)
-    reference = WeightSync(engine).push(policy)
-    expected = engine.score(PROMPTS, RESPONSES)
+    sync = WeightSync(engine)
+    sync.push(policy)
+    before = engine.score(PROMPTS, RESPONSES)
     step(policy, seed=5)
-    clean_sync = WeightSync(engine)
-    clean_sync.push(policy)
-    want = engine.score(PROMPTS, RESPONSES)
-    assert want != expected
     flaky = Recorder(engine, fail_on_load=2)
-    sync = WeightSync(flaky, bucket_bytes=1 << 20)
-    report = sync.push(policy)
-    assert report.retried and report.full and report.version == engine.version > reference.version
-    assert engine.score(PROMPTS, RESPONSES) == want
+    report = WeightSync(flaky, bucket_bytes=1 << 20).push(policy)
+    assert report.retried and report.full and report.version == engine.version
+    after = engine.score(PROMPTS, RESPONSES)
+    assert after != before
+    # The retried push left exactly what a clean push of the same policy leaves.
+    sync.push(policy, full=True)
+    assert engine.score(PROMPTS, RESPONSES) == after
+
+
+def test_norm_noise_does_not_outlive_the_push_that_asked_for_it(engine, tiny_qwen3_moe):
+    policy = attention_lora(tiny_qwen3_moe, seed=6)
+    sync = WeightSync(engine)
+    sync.push(policy)
+    clean = engine.score(PROMPTS, RESPONSES)
+    noisy = sync.push(policy, norm_transform=lambda name, t: t * 1.5)
+    assert noisy.tensors_sent > 0 and engine.score(PROMPTS, RESPONSES) != clean
+    restored = sync.push(policy)                 # trainer unchanged, transform dropped
+    assert restored.tensors_sent > 0
+    assert engine.score(PROMPTS, RESPONSES) == clean
+    assert sync.push(policy).tensors_sent == 0   # and then nothing is pending

@@ -107,12 +107,21 @@ def test_merged_adapters_are_refused(tiny_qwen3_moe):
         list(merged_named_tensors(peft_model))
 
 
-def test_fingerprint_sees_data_assignment_and_load_state_dict(tiny_qwen3_moe):
+def test_fingerprint_sees_data_assignment_data_writes_and_load_state_dict(tiny_qwen3_moe):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), dtype=torch.bfloat16)
     fp0 = fingerprint(model)
     norm = model.model.layers[0].input_layernorm.weight
-    norm.data = norm.data.clone() * 2
+    norm.data = norm.data.clone() * 2                                   # storage swap
+    model.model.layers[1].self_attn.k_norm.weight.data.mul_(3)          # write through .data
     router = "model.layers.1.mlp.gate.weight"
     model.load_state_dict({router: torch.zeros_like(model.state_dict()[router])}, strict=False)
     fp1 = fingerprint(model)
-    assert {n for n in fp0 if fp0[n] != fp1[n]} == {"model.layers.0.input_layernorm.weight", router}
+    assert {n for n in fp0 if fp0[n] != fp1[n]} == {
+        "model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.k_norm.weight", router}
+
+
+def test_embedding_lora_is_refused_not_dropped(tiny_qwen3_moe):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(NotImplementedError, match="embeddings"):
+        list(merged_named_tensors(peft_model))
