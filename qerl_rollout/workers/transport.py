@@ -24,7 +24,8 @@ How it works.
   prepared or stored, so the object store holds at most two buckets of a push. `commit`
   first waits for the last load. A failure in the actor's `load` therefore surfaces on the
   trainer at the next `load` or at `commit` (as Ray's `RayTaskError`, which is also an
-  instance of the actor's exception class); WeightSync then calls `abort`, which drains the
+  instance of the actor's exception class; WeightSync raises it as a `TransportError`, which
+  it retries once in full unless told not to); WeightSync then calls `abort`, which drains the
   in-flight load and tells the engine, which refuses to generate until a push commits.
 
 GPU transports (design only; nothing below is implemented or tested here, where there is

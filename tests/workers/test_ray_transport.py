@@ -15,7 +15,7 @@ import torch
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.rollout.types import EngineStateError
-from qerl_rollout.sync.weight_sync import WeightSync
+from qerl_rollout.sync.weight_sync import TransportError, WeightSync
 from qerl_rollout.workers import (
     RayWeightReceiver,
     pack_bucket,
@@ -121,9 +121,9 @@ def test_failed_load_in_actor_surfaces_and_blocks_serving(pushed, worker, policy
     local, receiver, *_ = pushed
     corrupt = _CorruptSecondBucket(receiver)
     sync = WeightSync(corrupt, bucket_bytes=BUCKET_BYTES, retry_full_on_transport_error=False)
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(TransportError) as failure:    # an engine-side failure, not the trainer's
         sync.push(policy)
-    chain = [failure.value, failure.value.__cause__]     # WeightSync wraps ValueError in PushError
+    chain = [failure.value, failure.value.__cause__]
     assert any(isinstance(e, ray.exceptions.RayTaskError) for e in chain), chain
     assert corrupt.loads >= 2
     with pytest.raises(EngineStateError):
