@@ -7,7 +7,11 @@ token 7" task rose from 0.016 to 0.16. The tasks here give partial credit on eve
 
 - "digits": reward = fraction of the response's non-space characters that are digits. About a
   third of the tiny BPE vocabulary is digit tokens, so a random model starts near 0.35 and
-  the ceiling is 1.0: a clearly rising curve. The embedded CPU default.
+  the ceiling is 1.0. It rises clearly (0.41 -> 1.00 in 10 GRPO steps, examples/) only when
+  the output layer can move: with a frozen N(0, 0.02) lm_head behind the final RMSNorm, no
+  hidden state puts more than ~44% of the probability on digit tokens, so LoRA on attention
+  and experts alone plateaus near the start. Put LoRA on lm_head too (the weight sync sends
+  it in BF16). The embedded CPU default.
 - "digit_count": the prompt asks for n digits (answer n, 3..8); reward =
   max(0, 1 - |digits - n| / n), so any digit-bearing sample scores and n must be read.
 

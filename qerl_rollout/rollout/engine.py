@@ -40,7 +40,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -123,6 +123,30 @@ def _export_key(model_dir: Path, scheme: str) -> str:
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+_PARTIAL_RELOAD_NOISE = ("Failed to load weights", "Following weights were not loaded")
+
+
+class _DropPartialReloadNoise(logging.Filter):
+    """vLLM warns about every layer a reload does not touch; a bucket touches few by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _PARTIAL_RELOAD_NOISE)
+
+
+@contextmanager
+def _quiet_partial_reload():
+    loggers = [logging.getLogger("vllm.model_executor.model_loader.reload." + m)
+               for m in ("layerwise", "inplace")]
+    noise = _DropPartialReloadNoise()
+    for lg in loggers:
+        lg.addFilter(noise)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(noise)
 
 
 def _install_cpu_moe_reload_fix(model: torch.nn.Module) -> int:
@@ -217,7 +241,8 @@ class RolloutEngine:
         self._loaded_in_update = True
         if self.mode == "emulate" and self.quant.quantized:
             named_tensors = decode_payload(named_tensors, self.scheme, self._shapes)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        with _quiet_partial_reload():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
 
     def commit(self, version: int) -> None:
         if self._updating != version:
