@@ -4,12 +4,12 @@ How it works: for (a) a 4096x4096 matrix and (b) a stacked MoE expert tensor of
 Qwen3-30B-A3B's shape (128 x 768 x 2048), all in one process, it times (best of a few runs)
 a plain `copy_` of the same BF16 bytes, `qerl_rollout.quant.quantize` for each scheme, and
 the compressed-tensors reference path (`kernels/ct_oracle.py`: observer + calculate_qparams
-+ compressor). The reference is slow, so on the MoE tensor it runs on a few experts and is
-scaled to all of them (the table says so). Peak extra memory is the largest rise of the
-process's resident set above its level before the call, sampled every millisecond by a
-thread, as a multiple of the input bytes (the outputs count; glibc is told to unmap freed
-blocks so they leave the resident set). `--quick` does fewer runs; `--threads N` sets the
-thread count (on a shared, busy machine one thread gives steadier ratios).
++ compressor), expert by expert on the MoE tensor (`--quick`: one expert, scaled to all; the
+table says which). Timing runs with glibc's default allocator, as a trainer process has it.
+Peak extra memory is measured in a fresh child process per scheme: the growth of its peak
+resident set (VmHWM, reset just before) over one quantize call, as a multiple of the input bytes (the
+outputs count). `--quick` does fewer runs; `--threads N` sets the thread count (on a shared,
+busy machine one thread gives steadier ratios).
 
 What it leaves out: GPUs, LoRA merging and transport (see the sync benchmark), and
 first-call costs (the C++ build and torch.compile warm-up are excluded by a warm-up call).
@@ -18,11 +18,11 @@ first-call costs (the C++ build and torch.compile warm-up are excluded by a warm
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,20 +33,6 @@ from qerl_rollout.quant.kernels import cpu
 from qerl_rollout.quant.kernels.ct_oracle import ct_compress
 
 CASES = {"4096x4096": (4096, 4096), "moe 128x768x2048": (128, 768, 2048)}
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _return_freed_memory() -> None:
-    """Pin glibc's mmap threshold at 128 KiB so freed tensors leave the RSS (else it adapts up)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -57,24 +43,6 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def peak_extra_bytes(fn: Callable[[], object]) -> int:
-    base, peak, done = _rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss() - base)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    out = fn()
-    peak[0] = max(peak[0], _rss() - base)
-    done.set()
-    thread.join()
-    del out
-    return peak[0]
 
 
 def reference_seconds(w: torch.Tensor, scheme: str, n_experts: int) -> tuple[float, str]:
@@ -102,17 +70,49 @@ def run_case(name: str, shape: tuple[int, ...], repeats: int, ref_experts: int) 
     for scheme in SCHEMES:
         fast_s = best_time(_quantize_fn(w_bf16, scheme), repeats)
         ref_s, ref_note = reference_seconds(w_bf16, scheme, ref_experts)
-        extra = peak_extra_bytes(_quantize_fn(w_bf16, scheme))
         result["schemes"][scheme] = {
             "gbps": gb / fast_s,
             "vs_copy": copy_s / fast_s,
             "reference_gbps": gb / ref_s,
             "vs_reference": ref_s / fast_s,
             "reference_note": ref_note,
-            "peak_extra_bytes": extra,
-            "peak_extra_vs_input": extra / (gb * 1e9),
         }
     return result
+
+
+_PEAK_CHILD = """
+import torch
+from qerl_rollout.quant import quantize
+
+def hwm():   # peak resident set since the last reset, in bytes
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+w = torch.empty({shape}, dtype=torch.bfloat16)
+for part in w.view(-1).split(1 << 20):   # filled in slices: no full-size temporary
+    part.normal_(0.0, 0.02)
+quantize(w[:1] if w.ndim == 3 else w[:16], {scheme!r})   # load the kernel first
+with open("/proc/self/clear_refs", "w") as f:          # reset VmHWM to the current RSS
+    f.write("5")
+before = hwm()
+out = quantize(w, {scheme!r})
+print(hwm() - before)
+"""
+
+
+def add_peak_memory(result: dict) -> None:
+    """Peak extra memory per scheme, from a fresh process's high-water mark.
+
+    A child creates the weight, resets its peak RSS (VmHWM, via /proc/self/clear_refs) and
+    reads it again after one quantize: the growth is what quantizing needed beyond the input,
+    outputs included. (ru_maxrss would not do: a forked child starts from its parent's.)
+    """
+    for scheme, row in result["schemes"].items():
+        code = _PEAK_CHILD.format(shape=tuple(result["shape"]), scheme=scheme)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        extra = int(out.stdout.strip().splitlines()[-1])
+        row["peak_extra_bytes"] = extra
+        row["peak_extra_vs_input"] = extra / (result["input_gb"] * 1e9)
 
 
 def format_table(results: list[dict]) -> str:
@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    _return_freed_memory()
-    repeats, ref_experts = (2, 1) if args.quick else (5, 2)
+    repeats, ref_experts = (2, 1) if args.quick else (5, 128)
     torch.manual_seed(0)
     results = [run_case(name, shape, repeats, ref_experts) for name, shape in CASES.items()]
+    for result in results:
+        add_peak_memory(result)
     meta = {
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

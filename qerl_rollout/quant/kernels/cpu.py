@@ -76,6 +76,37 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
+_MADV_HUGEPAGE = 14
+_HUGE_MIN_BYTES = 4 << 20
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty, with large outputs advised onto transparent huge pages before first touch.
+
+    A fresh multi-MB output is faulted in 4 KiB page by page as the kernel writes it, which
+    cost more than the quantization itself on stacked experts (4.5 vs 11 GB/s measured for
+    128x768x2048 fp8_block). MADV_HUGEPAGE is a hint: without THP it changes nothing.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    libc = _libc()
+    if libc is not None and nbytes >= _HUGE_MIN_BYTES:
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = out.data_ptr() & ~(page - 1)
+        libc.madvise(start, out.data_ptr() + nbytes - start, _MADV_HUGEPAGE)
+    return out
+
+
 def available() -> bool:
     return _lib() is not None
 
@@ -104,7 +135,7 @@ def fp8(w_3d: torch.Tensor, block: tuple[int, int], eps: float) -> tuple[torch.T
     w_3d = w_3d.contiguous()
     E, N, K = w_3d.shape
     bh, bw = block
-    w_fp8 = torch.empty((E, N, K), dtype=torch.float8_e4m3fn)
+    w_fp8 = _empty((E, N, K), torch.float8_e4m3fn)
     scale = torch.empty((E, -(-N // bh), -(-K // bw)), dtype=w_3d.dtype)
     seen = _lib().qr_fp8(
         w_3d.data_ptr(), int(w_3d.dtype == torch.bfloat16), E, N, K, bh, bw,
@@ -119,8 +150,8 @@ def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor,
     w_3d = w_3d.contiguous()
     E, N, K = w_3d.shape
     global_scale = global_scale.to(torch.float32).contiguous()
-    packed = torch.empty((E, N, K // 2), dtype=torch.uint8)
-    scale = torch.empty((E, N, K // 16), dtype=torch.uint8)
+    packed = _empty((E, N, K // 2), torch.uint8)
+    scale = _empty((E, N, K // 16), torch.uint8)
     seen = _lib().qr_nvfp4(
         w_3d.data_ptr(), int(w_3d.dtype == torch.bfloat16), E, N, K,
         global_scale.data_ptr(), packed.data_ptr(), scale.data_ptr(), torch.get_num_threads(),

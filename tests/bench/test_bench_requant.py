@@ -1,0 +1,29 @@
+"""`python -m qerl_rollout.bench requant --quick` runs and writes a complete JSON.
+
+Timings are not asserted (a shared machine makes them noise); the memory figure is, because
+it is a property of the code: outputs (0.5x input for FP8, 0.28x for NVFP4) plus at most small
+temporaries, well under the 2x-input budget.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_quick_requant_bench_writes_every_case_and_scheme(tmp_path):
+    out = tmp_path / "requant.json"
+    run = subprocess.run([sys.executable, "-m", "qerl_rollout.bench", "requant", "--quick",
+                          "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "vs copy" in run.stdout and "fp8_block" in run.stdout
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["results"]] == ["4096x4096", "moe 128x768x2048"]
+    for result in data["results"]:
+        assert set(result["schemes"]) == {"fp8_block", "fp8_channel", "nvfp4"}
+        for scheme, row in result["schemes"].items():
+            assert row["gbps"] > 0 and row["reference_gbps"] > 0
+            lo = 0.25 if scheme == "nvfp4" else 0.5      # the outputs alone
+            assert lo <= row["peak_extra_vs_input"] < 1.0, (scheme, row)
