@@ -1,13 +1,22 @@
-"""Dataclass configs shared across packages.
+"""Dataclass configs: the quant choice shared across packages, and a training run's sections.
 
-Only the configs that several packages need live here; each package keeps its own small
-dataclasses next to the code that reads them. Every config validates itself in
-`__post_init__`, so a bad value fails where it is written, not deep inside a run.
+Each package keeps its own small dataclasses next to the code that reads them (PolicyConfig in
+rl.policy, GRPOConfig in rl.grpo, ...); `TrainConfig` composes them into one run, loaded from
+a flat YAML file in configs/ with `key=value` overrides (`load_config`), using omegaconf for
+the merge and type checks. Configs validate themselves in `__post_init__`, so a bad value
+fails where it is written, not deep inside a run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qerl_rollout.rl.aqn import AQNConfig
+from qerl_rollout.rl.grpo import GRPOConfig
+from qerl_rollout.rl.mismatch import MismatchConfig
+from qerl_rollout.rl.policy import PolicyConfig
+from qerl_rollout.tracking import TrackingConfig
 
 QUANT_SCHEMES = ("bf16", "fp8_block", "fp8_channel", "nvfp4")
 QUANT_MODES = ("auto", "kernel", "emulate")
@@ -36,3 +45,143 @@ class QuantConfig:
     @property
     def quantized(self) -> bool:
         return self.scheme != "bf16"
+
+
+# --------------------------------------------------------------------------------------------
+# The training run: one dataclass per YAML section (configs/*.yaml), loaded by `load_config`.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The policy checkpoint. Empty `path`: build the tiny `tiny_family` model in the run dir."""
+
+    path: str = ""
+    tiny_family: str = "qwen3_moe"
+
+    def __post_init__(self):
+        if not self.path and not self.tiny_family:
+            raise ValueError("set model.path (a checkpoint directory) or model.tiny_family")
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine and how it samples."""
+
+    scheme: str = "fp8_block"
+    mode: str = "auto"
+    group_size: int = 8            # samples per prompt (the GRPO group)
+    prompts_per_step: int = 8
+    max_tokens: int = 8
+    temperature: float = 1.0
+    max_model_len: int = 1024
+    kv_cache_gib: int = 1          # vLLM-CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, an integer)
+    gpu_memory_utilization: float = 0.5
+    bucket_mb: int = 256           # weight-sync bucket size
+
+    def __post_init__(self):
+        QuantConfig(self.scheme, self.mode)   # validates both
+        if self.group_size < 2:
+            raise ValueError("rollout.group_size must be >= 2: GRPO compares samples within a group")
+
+
+@dataclass
+class TaskConfig:
+    """Where prompts and rewards come from: a synthetic task, or a dataset file + reward."""
+
+    synthetic: str = "digits"      # a task of qerl_rollout.rewards.synthetic; "" to use `path`
+    path: str = ""                 # jsonl / parquet prompts (see qerl_rollout.data.prompts)
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    reward: str = ""               # registry name or module:function; default: the task's own
+    max_prompt_tokens: int = 512
+
+    def __post_init__(self):
+        if not self.synthetic and not self.path:
+            raise ValueError("set task.path (a jsonl/parquet of prompts) or task.synthetic")
+
+
+@dataclass
+class PlacementConfig:
+    """`local`: the engine runs in this process. `ray`: in a Ray actor (`ray_address` or local)."""
+
+    mode: str = "local"
+    ray_address: str = ""
+    rollout_num_cpus: float = 1.0
+    rollout_num_gpus: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("local", "ray"):
+            raise ValueError(f"placement.mode must be 'local' or 'ray', got {self.mode!r}")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 40
+    seed: int = 0
+    output_dir: str = "runs"
+    save_every: int = 0            # save the LoRA adapter every N steps (0: only at the end)
+
+
+@dataclass
+class TrainConfig:
+    """A whole GRPO run. `configs/<name>.yaml` sets any subset of these sections."""
+
+    name: str = "grpo_tiny_cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
+    aqn: AQNConfig = field(default_factory=AQNConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_path(name_or_path: str) -> Path:
+    """`grpo_qwen3_30b` -> configs/grpo_qwen3_30b.yaml; a path to a .yaml file is used as is."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        return path
+    path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config named {name_or_path!r}; known: {known}")
+    return path
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """`["config=NAME", "policy.lr=1e-3", ...]` -> a validated TrainConfig.
+
+    The YAML file is merged over the dataclass defaults, then the `key=value` overrides over
+    that; unknown keys and values of the wrong type are errors that name the key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [a for a in argv if not a.startswith("config=")]
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        raise ValueError(f"arguments must be key=value, got {bad}")
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("config=")]
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        layers = [OmegaConf.load(config_path(n)) for n in names[-1:]]
+        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"bad config: {e}") from None
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The config as plain data (for the run directory and the tracker)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

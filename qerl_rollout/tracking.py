@@ -1,0 +1,213 @@
+"""The run's record: a local metrics file that is always written, and wandb beside it.
+
+How it works. `Tracker(cfg, run_dir, config)` creates `run_dir`, writes the resolved config
+to `run_dir/config.json` and starts a wandb run with `mode=cfg.wandb_mode` and
+`dir=run_dir` (so wandb's files land in `run_dir/wandb/`). Each `log(step, metrics)` appends
+one JSON line `{"step": step, **metrics}` to `run_dir/metrics.jsonl` and flushes it, so a
+process that dies loses nothing already logged (a machine that loses power may still lose
+the OS buffer: there is no fsync). Every `log_every`-th step also goes to wandb.
+`summary(values)` sets wandb's run summary and rewrites `run_dir/summary.json` (merged
+over earlier calls). `finish()` closes both; it is idempotent, and the tracker is a context
+manager that finishes even when the body raises. `read_metrics(run_dir)` parses the file
+back and names the line number of a corrupt line.
+
+The local file is the source of truth; wandb is best effort. If wandb fails to start (not
+installed, no credentials in online mode, a bad settings dir) the tracker warns once and
+keeps writing the file. It never prompts: online mode logs in with `prompt=False` and
+falls back to file-only without a key. Offline mode never touches the network; upload a
+run later with `wandb sync run_dir/wandb/offline-run-*`. Offline wandb 0.31 keeps the whole
+run (history, summary, config) in the binary `run-<id>.wandb` file only (no
+`files/wandb-summary.json`), and its core process writes that file a few milliseconds after
+`run.finish()` returns; it completes even if this process exits at once.
+
+Non-finite values (NaN, inf) are stored as `null` in the file (strict JSON) and left out of
+wandb; the first time a key goes non-finite a warning names it and the step.
+
+Metric names (`group/name`, so wandb groups the panels):
+    reward/mean, reward/std          GRPO reward over the step's samples
+    loss/policy                      the GRPO policy loss
+    mismatch/kl_k1, mismatch/kl_k3   KL(pi_rollout || pi_old) per token, k1 and k3 estimators
+    mismatch/is_weight_mean          mean truncated importance weight trainer/rollout
+    mismatch/is_clipped_frac         fraction of tokens whose IS weight was truncated
+    mismatch/ess                     effective sample size of the IS weights, as a fraction
+    rollout/seconds                  wall time of generation
+    rollout/tokens_per_s             generated tokens per second (the speed that matters)
+    rollout/response_len             mean response length in tokens
+    train/seconds                    wall time of logprobs + GRPO update
+    sync/seconds, sync/mb            wall time and payload of the weight push
+    sync/wire_ratio                  bytes on the wire / bytes of the BF16 weights
+    router/topk_agreement            mean fraction of the top-k experts the quantized copy
+                                     and BF16 select alike (`sync.router_stats`)
+    quant/speedup_vs_bf16            rollout/tokens_per_s over a measured BF16 baseline
+                                     (`rollout_speedup`); logged only when one was measured
+
+What it leaves out: plots (wandb draws them; `read_metrics` feeds local ones), artifacts and
+checkpoints (the trainer saves adapters itself), resuming a wandb run, and multi-process
+logging (only the controller process owns a Tracker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("offline", "online", "disabled")
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "qerl_rollout"
+    run_name: str | None = None    # default: f"{config['name']}-{timestamp}"
+    wandb_mode: str = "offline"    # "offline" | "online" | "disabled"
+    log_every: int = 1             # send every Nth step to wandb; the local file gets all
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(
+                f"tracking.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+        if self.log_every < 1:
+            raise ValueError(f"tracking.log_every must be >= 1, got {self.log_every}")
+
+
+def rollout_speedup(tokens_per_s_quant: float, tokens_per_s_bf16: float) -> float:
+    """Quantized rollout tokens/s over the BF16 baseline's (>1: the quantized copy is faster)."""
+    if not (math.isfinite(tokens_per_s_bf16) and tokens_per_s_bf16 > 0):
+        raise ValueError(
+            f"BF16 baseline tokens/s must be a positive number, got {tokens_per_s_bf16}")
+    return float(tokens_per_s_quant) / float(tokens_per_s_bf16)
+
+
+def default_run_name(config: dict) -> str:
+    return f"{config.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Tracker:
+    """One run's record: `run_dir/{config.json, metrics.jsonl, summary.json}` plus wandb."""
+
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, config: dict):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.run_dir / "config.json", config)
+        self.name = cfg.run_name or default_run_name(config)
+        # Open for the run's lifetime; finish() closes it.
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self._summary: dict = {}
+        self._warned_keys: set[str] = set()
+        self._finished = False
+        self.run = _start_wandb(cfg, self.run_dir, self.name, config)
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self._finished:
+            raise RuntimeError("Tracker.log called after finish()")
+        if "step" in metrics:
+            raise ValueError("'step' is the log() argument, not a metric key")
+        values = {k: _as_number(k, v) for k, v in metrics.items()}
+        finite = self._drop_non_finite(step, values)
+        record = {"step": int(step), **{k: values[k] if k in finite else None for k in values}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self.run is not None and step % self.cfg.log_every == 0:
+            self.run.log(finite, step=int(step))
+
+    def summary(self, values: dict) -> None:
+        """Final or headline values (numbers or strings); non-finite numbers become null."""
+        values = {k: v if v is None or isinstance(v, (str, bool)) else _as_number(k, v)
+                  for k, v in values.items()}
+        kept = {k: v for k, v in values.items() if not _is_non_finite(v)}
+        self._summary.update({k: kept.get(k) for k in values})
+        _write_json(self.run_dir / "summary.json", self._summary)
+        if self.run is not None:
+            self.run.summary.update(kept)
+
+    def _drop_non_finite(self, step: int, values: dict) -> dict:
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}
+        for key in values.keys() - finite.keys() - self._warned_keys:
+            log.warning("metric %r is non-finite (%s) at step %d: stored as null, not sent to"
+                        " wandb (later non-finite values of this key are not reported)",
+                        key, values[key], step)
+            self._warned_keys.add(key)
+        return finite
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Parse `run_dir/metrics.jsonl` back into records; a corrupt line is an error naming it."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg}): "
+                                 f"{line[:80]!r}") from None
+    return records
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _as_number(key: str, value) -> int | float:
+    """Ints stay ints; floats, numpy scalars and 0-d tensors become Python floats."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}") from None
+
+
+def _is_non_finite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
+    """A wandb run, or None (with one warning) when wandb cannot start."""
+    try:
+        import wandb
+
+        if cfg.wandb_mode == "online" and not wandb.login(prompt=False, verify=False):
+            raise RuntimeError("no wandb API key (set WANDB_API_KEY or run `wandb login`)")
+        return wandb.init(project=cfg.project, name=name, mode=cfg.wandb_mode, dir=str(run_dir),
+                          config=config, tags=list(cfg.tags), reinit="create_new")
+    except Exception as e:  # noqa: BLE001 - the local file is the record; wandb is best effort
+        log.warning("wandb did not start (%s: %s); metrics go to %s only",
+                    type(e).__name__, e, run_dir / METRICS_FILE)
+        return None

@@ -1,0 +1,267 @@
+"""`python -m qerl_rollout.train [config=NAME|FILE.yaml] [section.key=value ...]`: a GRPO run.
+
+How it works. The config (`qerl_rollout.config.TrainConfig`, default: the embedded tiny CPU
+run `configs/grpo_tiny_cpu.yaml`) names a checkpoint (or a tiny model built in the run
+directory), a rollout scheme, a task and the trainer's settings. `run` builds the trainer
+(`rl.policy.Policy`: BF16 + LoRA), places the rollout engine (`LocalRollout` in this process,
+or `workers.placement.RayRollout` in a Ray actor) and a `WeightSync` into it, then repeats:
+
+    prompts -> rollout.generate(n=group)     samples, rollout logprobs, weight version v
+            -> reward per sample             task reward on the decoded response
+            -> group_advantages              (r - mean_group) / std_group
+            -> policy.train_step             GRPO loss, token-level TIS vs the rollout logprobs
+            -> sync.push(policy.model)       merge LoRA, requantize, stream: engine serves v+1
+            -> tracker.log                   metrics.jsonl + wandb (offline by default)
+
+The run directory (`run.output_dir/<run name>`) holds the resolved config, the metrics, the
+wandb files and the LoRA adapter (saved every `run.save_every` steps and at the end).
+Left out: resuming a run from its directory, evaluation on held-out prompts, several rollout
+engines, and trainer/engine GPU colocation (sleep/wake between phases).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+class LocalRollout:
+    """The rollout engine in this process (the in-process twin of `RayRollout`)."""
+
+    def __init__(self, model_dir, quant, **engine_kwargs):
+        from qerl_rollout.rollout.engine import RolloutEngine
+
+        self.engine = RolloutEngine(model_dir, quant, **engine_kwargs)
+        self.receiver = self.engine
+
+    def generate(self, prompt_token_ids, **sampling):
+        return self.engine.generate(prompt_token_ids, **sampling)
+
+    def close(self):
+        self.engine.close()
+
+
+def run(cfg) -> dict:
+    """Train for `cfg.run.steps` steps; returns the summary (also written to the run dir)."""
+    from qerl_rollout.config import config_dict
+    from qerl_rollout.rl import group_advantages
+    from qerl_rollout.rl.policy import Policy, TokenBatch
+    from qerl_rollout.sync.weight_sync import WeightSync
+    from qerl_rollout.tracking import Tracker
+
+    run_dir = _run_dir(cfg)
+    model_dir = _model_dir(cfg, run_dir)
+    tokenizer, sampler, reward_fn = _task(cfg, model_dir)
+    policy = Policy(_policy_config(cfg, model_dir), cfg.grpo, cfg.mismatch)
+    rollout = _place_rollout(cfg, model_dir)
+    sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
+    stop = [tokenizer.eos_token_id]
+    with Tracker(cfg.tracking, run_dir, config_dict(cfg)) as tracker:
+        for step in range(1, cfg.run.steps + 1):
+            t0 = time.perf_counter()
+            prompts = sampler.next_batch()
+            samples = rollout.generate([p.prompt_ids for p in prompts], n=cfg.rollout.group_size,
+                                       max_tokens=cfg.rollout.max_tokens, stop_token_ids=stop,
+                                       temperature=cfg.rollout.temperature,
+                                       seed=cfg.run.seed * 100_003 + step)
+            t1 = time.perf_counter()
+            rewards = _rewards(samples, prompts, reward_fn, tokenizer)
+            batch = TokenBatch.from_token_lists([s.prompt_token_ids for s in samples],
+                                                [s.token_ids for s in samples], tokenizer.pad_token_id)
+            metrics = policy.train_step(batch, group_advantages(rewards, cfg.rollout.group_size),
+                                        logp_rollout=_padded([s.logprobs for s in samples]))
+            t2 = time.perf_counter()
+            # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
+            report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
+            logged = _step_metrics(rewards, metrics, report, samples, t0, t1, t2)
+            tracker.log(step, logged)
+            _print_step(step, cfg.run.steps, logged)
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                policy.save_adapter(run_dir / f"adapter-step{step}")
+        policy.save_adapter(run_dir / "adapter")
+        summary = _summary(run_dir)
+        tracker.summary(summary)
+    rollout.close()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+def _run_dir(cfg) -> Path:
+    name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.output_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} exists and is not empty; "
+                              "set tracking.run_name or run.output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.tracking = replace(cfg.tracking, run_name=name)
+    return run_dir
+
+
+def _model_dir(cfg, run_dir: Path) -> Path:
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path} has no config.json")
+        return path
+    from qerl_rollout.tiny import build_tiny_model
+
+    return build_tiny_model(cfg.model.tiny_family, run_dir / "model", seed=cfg.run.seed)
+
+
+def _task(cfg, model_dir: Path):
+    """(tokenizer, prompt sampler, reward fn) for the configured task."""
+    from transformers import AutoTokenizer
+
+    from qerl_rollout.data.prompts import PromptDataConfig, PromptDataset, PromptSampler
+    from qerl_rollout.rewards.registry import get_reward
+    from qerl_rollout.rewards.synthetic import get_task
+
+    t = cfg.task
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    data_cfg = PromptDataConfig(path=t.path, prompt_field=t.prompt_field, answer_field=t.answer_field,
+                                max_prompt_tokens=t.max_prompt_tokens, seed=cfg.run.seed)
+    if t.synthetic:
+        task = get_task(t.synthetic)
+        rows = task.rows(1024, seed=cfg.run.seed)
+        if all(r.get("answer") is None for r in rows):   # e.g. `digits`: nothing to check against
+            data_cfg = replace(data_cfg, answer_field=None)
+        dataset = PromptDataset(rows, tokenizer, data_cfg)
+        reward = get_reward(t.reward) if t.reward else task.reward
+    elif t.path:
+        dataset = PromptDataset.from_file(data_cfg, tokenizer)
+        reward = get_reward(t.reward or "math")
+    else:
+        raise ValueError("set task.synthetic or task.path")
+    return tokenizer, PromptSampler(dataset, cfg.rollout.prompts_per_step, seed=cfg.run.seed), reward
+
+
+def _policy_config(cfg, model_dir: Path):
+    r = cfg.rollout
+    return replace(cfg.policy, model_path=str(model_dir), total_steps=cfg.run.steps,
+                   seed=cfg.run.seed, temperature=r.temperature,
+                   target_modules=tuple(cfg.policy.target_modules),
+                   target_parameters=tuple(cfg.policy.target_parameters),
+                   betas=tuple(cfg.policy.betas))
+
+
+def _place_rollout(cfg, model_dir: Path):
+    from qerl_rollout.config import QuantConfig
+
+    r, p = cfg.rollout, cfg.placement
+    quant = QuantConfig(r.scheme, r.mode)
+    engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
+    if p.rollout_num_gpus > 0 or _has_cuda():
+        engine["gpu_memory_utilization"] = r.gpu_memory_utilization
+    if p.mode == "ray":
+        from qerl_rollout.workers.placement import RayRollout
+
+        return RayRollout(model_dir, quant, address=p.ray_address, num_cpus=p.rollout_num_cpus,
+                          num_gpus=p.rollout_num_gpus, kv_cache_gib=r.kv_cache_gib, **engine)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.kv_cache_gib))
+    return LocalRollout(model_dir, quant, **engine)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------ per step
+
+def _rewards(samples, prompts, reward_fn, tokenizer):
+    import torch
+
+    return torch.tensor([
+        float(reward_fn(prompts[s.prompt_index].prompt,
+                        tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                        prompts[s.prompt_index].answer))
+        for s in samples])
+
+
+def _padded(rows: list[list[float]]):
+    """Right-pad per-token values with 0 into (B, R): the TokenBatch response layout."""
+    import torch
+
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
+
+
+def _aqn(cfg, next_step: int):
+    """The norm transform for the push serving 0-based step `next_step` (None: no noise)."""
+    if not cfg.aqn.enabled:
+        return None
+    import torch
+
+    from qerl_rollout.rl.aqn import apply_aqn, aqn_sigma
+
+    a = cfg.aqn
+    sigma = aqn_sigma(next_step, cfg.run.steps, a.sigma_start, a.sigma_end, a.num_intervals)
+    gen = torch.Generator().manual_seed(a.seed * 1_000_003 + next_step)
+
+    def noise(name, tensor):
+        return next(apply_aqn([(name, tensor)], sigma, gen, tuple(a.include), tuple(a.exclude)))[1]
+
+    return noise if sigma > 0 else None
+
+
+def _step_metrics(rewards, metrics, report, samples, t0, t1, t2) -> dict:
+    tokens = sum(len(s.token_ids) for s in samples)
+    return {
+        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+        "loss/policy": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
+        "mismatch/kl_k1": metrics["mismatch_kl_k1"], "mismatch/kl_k3": metrics["mismatch_kl_k3"],
+        "mismatch/is_weight_mean": metrics["is_weight_mean"],
+        "mismatch/is_clipped_frac": metrics["is_clipped_frac"], "mismatch/ess": metrics["is_ess"],
+        "rollout/seconds": t1 - t0, "rollout/tokens_per_s": tokens / max(t1 - t0, 1e-9),
+        "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
+        "train/seconds": t2 - t1, "sync/seconds": report.seconds["total"],
+        "sync/mb": report.bytes_sent / 1e6, "sync/wire_ratio": report.wire_ratio,
+        "sync/version": report.version,
+    }
+
+
+def _print_step(step: int, steps: int, m: dict) -> None:
+    print(f"step {step}/{steps}  reward {m['reward/mean']:.3f}  loss {m['loss/policy']:+.4f}  "
+          f"mismatch_kl {m['mismatch/kl_k3']:.1e}  rollout {m['rollout/seconds']:.1f}s  "
+          f"train {m['train/seconds']:.1f}s  push v{m['sync/version']} {m['sync/mb']:.2f} MB "
+          f"{m['sync/seconds']:.2f}s", flush=True)
+
+
+def _summary(run_dir: Path) -> dict:
+    from qerl_rollout.tracking import read_metrics
+
+    rewards = [r["reward/mean"] for r in read_metrics(run_dir)]
+    window = min(5, len(rewards))
+    return {"steps": len(rewards), "reward_first5": sum(rewards[:window]) / window,
+            "reward_last5": sum(rewards[-window:]) / window, "run_dir": str(run_dir)}
+
+
+# ------------------------------------------------------------------------------------- command
+
+def main(argv: list[str] | None = None) -> int:
+    from qerl_rollout.config import load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    if not any(a.startswith("config=") for a in argv):
+        argv = ["config=grpo_tiny_cpu", *argv]
+    try:
+        cfg = load_config(argv)
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f} "
+          f"(mean of the first / last 5 steps) in {summary['steps']} steps; run in {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

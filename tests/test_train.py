@@ -1,0 +1,76 @@
+"""The training entry point: configs parse, bad input is refused, short runs train and record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qerl_rollout import train
+from qerl_rollout.config import CONFIG_DIR, TrainConfig, load_config
+from qerl_rollout.tracking import read_metrics
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses(path):
+    required = {"grpo_qwen3_30b": ["model.path=/models/q", "task.path=/data/math.jsonl"]}
+    cfg = load_config([f"config={path.stem}", *required.get(path.stem, [])])
+    assert isinstance(cfg, TrainConfig) and cfg.name == path.stem
+    assert cfg.grpo.group_size == cfg.rollout.group_size
+
+
+def test_overrides_and_their_errors():
+    cfg = load_config(["config=grpo_tiny_cpu", "policy.lr=0.5", "rollout.scheme=nvfp4"])
+    assert (cfg.policy.lr, cfg.rollout.scheme) == (0.5, "nvfp4")
+    with pytest.raises(ValueError, match="lrr"):
+        load_config(["config=grpo_tiny_cpu", "policy.lrr=1"])
+    with pytest.raises(ValueError, match="policy.lr"):
+        load_config(["config=grpo_tiny_cpu", "policy.lr=fast"])
+    with pytest.raises(ValueError, match="unknown quant scheme"):
+        load_config(["config=grpo_tiny_cpu", "rollout.scheme=int3"])
+    with pytest.raises(ValueError, match="model.path"):
+        load_config(["config=grpo_qwen3_30b"])
+    with pytest.raises(FileNotFoundError, match="grpo_tiny_cpu"):
+        load_config(["config=no_such_config"])
+
+
+def test_cli_refuses_bad_input(tmp_path, capsys):
+    assert train.main(["policy.lrr=1"]) == 2
+    assert "lrr" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=taken", "run.steps=1"]
+    assert train.main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement", ["local", "ray"])
+def test_short_run_trains_pushes_and_records(tmp_path, placement):
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3",
+            f"placement.mode={placement}", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
+    assert train.main(argv) == 0
+    run_dir = tmp_path / "r"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Step k samples from the weights of push k-1 and its own push publishes version k.
+    assert [r["rollout/version"] for r in rows] == [0, 1, 2]
+    assert [r["sync/version"] for r in rows] == [1, 2, 3]
+    assert rows[1]["sync/mb"] < rows[0]["sync/mb"]            # delta pushes after the first
+    assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+    assert json.loads((run_dir / "config.json").read_text())["placement"]["mode"] == placement
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
+    cfg = load_config(["config=grpo_tiny_cpu", "aqn.enabled=true", "run.steps=20"])
+    assert train._aqn(cfg, 0) is None and train._aqn(cfg, 1) is None   # first of K=10 intervals
+    noise = train._aqn(cfg, 2)
+    w = torch.ones(256, dtype=torch.bfloat16)
+    noisy = noise("model.layers.0.input_layernorm.weight", w)
+    assert torch.equal(w, torch.ones(256, dtype=torch.bfloat16))
+    # sigma 1e-2 at interval 1: BF16 spacing at 1.0 is 2^-7, so most entries move.
+    assert (noisy != w).float().mean() > 0.3
+    assert load_config(["config=grpo_tiny_cpu"]).aqn.enabled is False
