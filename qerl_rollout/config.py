@@ -122,6 +122,10 @@ class RunConfig:
     output_dir: str = "runs"
     save_every: int = 0            # save the LoRA adapter every N steps (0: only at the end)
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+
 
 @dataclass
 class TrainConfig:
