@@ -235,9 +235,10 @@ def _print_step(step: int, steps: int, m: dict) -> None:
 def _summary(run_dir: Path) -> dict:
     from qerl_rollout.tracking import read_metrics
 
-    rewards = [r["reward/mean"] for r in read_metrics(run_dir)]
-    window = min(5, len(rewards))
-    return {"steps": len(rewards), "reward_first5": sum(rewards[:window]) / window,
+    rows = read_metrics(run_dir)
+    rewards = [r["reward/mean"] for r in rows if r.get("reward/mean") is not None]  # NaN -> null
+    window = max(1, min(5, len(rewards)))
+    return {"steps": len(rows), "reward_first5": sum(rewards[:window]) / window,
             "reward_last5": sum(rewards[-window:]) / window, "run_dir": str(run_dir)}
 
 
