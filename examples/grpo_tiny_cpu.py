@@ -117,12 +117,6 @@ def build(args):
     return tokenizer, prompts, task.reward, policy, engine, WeightSync(engine)
 
 
-def padded(rows: list[list[float]]) -> torch.Tensor:
-    """Right-pad per-token lists with 0 into a (B, R) tensor (the TokenBatch response layout)."""
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     """The controller loop; returns one record per step."""
     from qerl_rollout.rl import group_advantages
@@ -142,9 +136,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         t1 = time.perf_counter()
         rewards = score(samples, chosen, reward_fn, tokenizer)
         advantages = group_advantages(rewards, args.group)
-        batch = TokenBatch.from_token_lists([s.prompt_token_ids for s in samples],
-                                            [s.token_ids for s in samples], tokenizer.pad_token_id)
-        logp_rollout = padded([s.logprobs for s in samples])
+        batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
         metrics = policy.train_step(batch, advantages, logp_rollout=logp_rollout)
         t2 = time.perf_counter()
         report = sync.push(policy.model)

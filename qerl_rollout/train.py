@@ -69,10 +69,9 @@ def run(cfg) -> dict:
                                        seed=cfg.run.seed * 100_003 + step)
             t1 = time.perf_counter()
             rewards = _rewards(samples, prompts, reward_fn, tokenizer)
-            batch = TokenBatch.from_token_lists([s.prompt_token_ids for s in samples],
-                                                [s.token_ids for s in samples], tokenizer.pad_token_id)
+            batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
             metrics = policy.train_step(batch, group_advantages(rewards, cfg.rollout.group_size),
-                                        logp_rollout=_padded([s.logprobs for s in samples]))
+                                        logp_rollout=logp_rollout)
             t2 = time.perf_counter()
             # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
             report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
@@ -181,14 +180,6 @@ def _rewards(samples, prompts, reward_fn, tokenizer):
                         tokenizer.decode(s.token_ids, skip_special_tokens=True),
                         prompts[s.prompt_index].answer))
         for s in samples])
-
-
-def _padded(rows: list[list[float]]):
-    """Right-pad per-token values with 0 into (B, R): the TokenBatch response layout."""
-    import torch
-
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
 
 
 def _aqn(cfg, next_step: int):

@@ -98,6 +98,17 @@ class TokenBatch:
             prompt_len=P,
         )
 
+    @classmethod
+    def from_samples(cls, samples, pad_id: int) -> tuple[TokenBatch, torch.Tensor]:
+        """Rollout samples (`.prompt_token_ids`, `.token_ids`, `.logprobs`) -> (batch, (B, R)
+        rollout logprobs right-padded with 0, in the batch's response layout)."""
+        batch = cls.from_token_lists([s.prompt_token_ids for s in samples],
+                                     [s.token_ids for s in samples], pad_id)
+        logp = torch.zeros(batch.response_mask.shape)
+        for i, s in enumerate(samples):
+            logp[i, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
+        return batch, logp
+
     @property
     def response_ids(self) -> torch.Tensor:
         """(B, R) response token ids (padding included; see response_mask)."""

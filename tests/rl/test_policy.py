@@ -231,3 +231,16 @@ def test_optimizer_warmup_then_cosine_schedule():
     progress = (9 - 4) / (14 - 4)
     assert lrs[9] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * progress)))
     assert lrs[-1] < lrs[9] < lrs[4]
+
+
+def test_from_samples_lays_rollout_logprobs_out_like_the_responses():
+    from qerl_rollout.rollout.types import Sample
+
+    samples = [Sample(0, [7, 8, 9], [-0.1, -0.2, -0.3], 4, prompt_token_ids=[1, 2]),
+               Sample(0, [5], [-0.5], 4, prompt_token_ids=[3, 4, 6])]
+    batch, logp = TokenBatch.from_samples(samples, pad_id=0)
+    assert batch.prompt_len == 3
+    assert batch.response_ids.tolist() == [[7, 8, 9], [5, 0, 0]]
+    expected = torch.tensor([[-0.1, -0.2, -0.3], [-0.5, 0.0, 0.0]], dtype=torch.float32)
+    assert torch.equal(logp, expected)
+    assert batch.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
