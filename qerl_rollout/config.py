@@ -143,6 +143,11 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self):
+        if self.grpo.group_size != self.rollout.group_size:
+            raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
+                             f"({self.rollout.group_size}): advantages are normalised per sampled group")
+
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def run(cfg) -> dict:
     rollout = _place_rollout(cfg, model_dir)
     sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
     stop = [tokenizer.eos_token_id]
-    with Tracker(cfg.tracking, run_dir, config_dict(cfg)) as tracker:
+    with closing(rollout), Tracker(cfg.tracking, run_dir, config_dict(cfg)) as tracker:
         for step in range(1, cfg.run.steps + 1):
             t0 = time.perf_counter()
             prompts = sampler.next_batch()
@@ -70,8 +71,9 @@ def run(cfg) -> dict:
             t1 = time.perf_counter()
             rewards = _rewards(samples, prompts, reward_fn, tokenizer)
             batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
-            metrics = policy.train_step(batch, group_advantages(rewards, cfg.rollout.group_size),
-                                        logp_rollout=logp_rollout)
+            advantages = group_advantages(rewards, cfg.grpo.group_size,
+                                          norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
+            metrics = policy.train_step(batch, advantages, logp_rollout=logp_rollout)
             t2 = time.perf_counter()
             # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
             report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
@@ -83,7 +85,6 @@ def run(cfg) -> dict:
         policy.save_adapter(run_dir / "adapter")
         summary = _summary(run_dir)
         tracker.summary(summary)
-    rollout.close()
     return summary
 
 

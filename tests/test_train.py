@@ -31,6 +31,8 @@ def test_overrides_and_their_errors():
         load_config(["config=grpo_tiny_cpu", "rollout.scheme=int3"])
     with pytest.raises(ValueError, match="model.path"):
         load_config(["config=grpo_qwen3_30b"])
+    with pytest.raises(ValueError, match="group_size"):
+        load_config(["config=grpo_tiny_cpu", "rollout.group_size=4"])
     with pytest.raises(FileNotFoundError, match="grpo_tiny_cpu"):
         load_config(["config=no_such_config"])
 
