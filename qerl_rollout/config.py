@@ -81,6 +81,9 @@ class RolloutConfig:
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature} "
+                             "(the trainer divides its logits by it)")
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2: GRPO compares samples within a group")
 
@@ -144,6 +147,10 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        if self.task.max_prompt_tokens + self.rollout.max_tokens > self.rollout.max_model_len:
+            raise ValueError(f"task.max_prompt_tokens ({self.task.max_prompt_tokens}) + rollout.max_tokens "
+                             f"({self.rollout.max_tokens}) exceed rollout.max_model_len "
+                             f"({self.rollout.max_model_len})")
         if self.grpo.group_size != self.rollout.group_size:
             raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
                              f"({self.rollout.group_size}): advantages are normalised per sampled group")

@@ -143,19 +143,20 @@ class Tracker:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the metrics file and the wandb run (a non-zero code marks it failed)."""
         if self._finished:
             return
         self._finished = True
         self._file.close()
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish()
+        self.finish(exit_code=1 if exc_type is not None else 0)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

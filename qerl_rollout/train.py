@@ -58,9 +58,9 @@ def run(cfg) -> dict:
     tokenizer, sampler, reward_fn = _task(cfg, model_dir)
     policy = Policy(_policy_config(cfg, model_dir), cfg.grpo, cfg.mismatch)
     rollout = _place_rollout(cfg, model_dir)
-    sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
     stop = [tokenizer.eos_token_id]
     with closing(rollout), Tracker(cfg.tracking, run_dir, config_dict(cfg)) as tracker:
+        sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
         for step in range(1, cfg.run.steps + 1):
             t0 = time.perf_counter()
             prompts = sampler.next_batch()
@@ -176,6 +176,10 @@ def _has_cuda() -> bool:
 def _rewards(samples, prompts, reward_fn, tokenizer):
     import torch
 
+    order = [s.prompt_index for s in samples]
+    if order != sorted(order):   # group_advantages needs each prompt's samples contiguous
+        raise RuntimeError(f"rollout samples are not prompt-major: {order[:16]}")
+
     return torch.tensor([
         float(reward_fn(prompts[s.prompt_index].prompt,
                         tokenizer.decode(s.token_ids, skip_special_tokens=True),
@@ -247,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["config=grpo_tiny_cpu", *argv]
     try:
         cfg = load_config(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         summary = run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError) as e:   # run dir taken, model.path wrong, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f} "

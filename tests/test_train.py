@@ -33,6 +33,10 @@ def test_overrides_and_their_errors():
         load_config(["config=grpo_qwen3_30b"])
     with pytest.raises(ValueError, match="group_size"):
         load_config(["config=grpo_tiny_cpu", "rollout.group_size=4"])
+    with pytest.raises(ValueError, match="temperature"):
+        load_config(["config=grpo_tiny_cpu", "rollout.temperature=0"])
+    with pytest.raises(ValueError, match="max_model_len"):
+        load_config(["config=grpo_tiny_cpu", "rollout.max_tokens=512"])
     with pytest.raises(FileNotFoundError, match="grpo_tiny_cpu"):
         load_config(["config=no_such_config"])
 
@@ -76,3 +80,25 @@ def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
     # sigma 1e-2 at interval 1: BF16 spacing at 1.0 is 2^-7, so most entries move.
     assert (noisy != w).float().mean() > 0.3
     assert load_config(["config=grpo_tiny_cpu"]).aqn.enabled is False
+
+
+def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, monkeypatch):
+    closed = []
+    real_local = train.LocalRollout
+
+    class Recorded(real_local):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def broken_step(self, *args, **kwargs):
+        raise RuntimeError("optimizer exploded")
+
+    monkeypatch.setattr(train, "LocalRollout", Recorded)
+    monkeypatch.setattr("qerl_rollout.rl.policy.Policy.train_step", broken_step)
+    cfg = load_config(["config=grpo_tiny_cpu", f"run.output_dir={tmp_path}",
+                       "tracking.run_name=r", "run.steps=2", "tracking.wandb_mode=disabled"])
+    with pytest.raises(RuntimeError, match="optimizer exploded"):
+        train.run(cfg)
+    assert closed == [True]
+    assert read_metrics(tmp_path / "r") == []

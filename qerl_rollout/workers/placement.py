@@ -27,14 +27,22 @@ class RayRollout:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-        self.worker = start_rollout_worker(model_dir, quant, num_cpus=num_cpus, num_gpus=num_gpus,
-                                           kv_cache_gib=kv_cache_gib, **engine_kwargs)
-        self.receiver = RayWeightReceiver(self.worker)   # waits for the engine to be ready
+        self.worker = None
+        try:
+            self.worker = start_rollout_worker(model_dir, quant, num_cpus=num_cpus,
+                                               num_gpus=num_gpus, kv_cache_gib=kv_cache_gib,
+                                               **engine_kwargs)
+            self.receiver = RayWeightReceiver(self.worker)   # waits for the engine to be ready
+        except BaseException:
+            self.close()
+            raise
 
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
         return ray.get(self.worker.generate.remote(prompt_token_ids, **sampling))
 
     def close(self) -> None:
-        ray.kill(self.worker)
-        if self._owns_ray:
+        if self.worker is not None:
+            ray.kill(self.worker)
+            self.worker = None
+        if self._owns_ray and ray.is_initialized():
             ray.shutdown()
