@@ -89,7 +89,9 @@ def test_no_usable_row_fails_at_load(tokenizer):
 def test_sampler_is_deterministic_and_reshuffles_each_epoch(tokenizer):
     ds = PromptDataset(GOOD, tokenizer, PromptDataConfig(prompt_field="question",
                                                          answer_field="gold"))
-    order = lambda s, n: [ex.index for _ in range(n) for ex in s.next_batch()]
+    def order(sampler, n):
+        return [ex.index for _ in range(n) for ex in sampler.next_batch()]
+
     a, b = order(PromptSampler(ds, 5, seed=1), 4), order(PromptSampler(ds, 5, seed=1), 4)
     assert a == b
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:]) == list(range(10))

@@ -11,8 +11,6 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import grpo_tiny_cpu as example
 

@@ -10,7 +10,15 @@ from qerl_rollout.quant import quantize
 from qerl_rollout.quant.plan import build_plan
 from qerl_rollout.sync.bucket import buckets, nbytes
 from qerl_rollout.sync.stream import (
-    Piece, Unit, all_finite, decode_payload, encode_unit, pieces, qdq_named_tensors, unit_of, units,
+    Piece,
+    Unit,
+    all_finite,
+    decode_payload,
+    encode_unit,
+    pieces,
+    qdq_named_tensors,
+    unit_of,
+    units,
 )
 
 

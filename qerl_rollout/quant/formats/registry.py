@@ -29,8 +29,8 @@ class QuantScheme(ABC):
     preset: ClassVar[str]  # the compressed-tensors preset scheme this reproduces
     keys: ClassVar[tuple[str, ...]]  # suffixes of compressed() in order
 
-    def check_shape(self, shape: tuple[int, int, int]) -> None:
-        """Raise ValueError if an (E, N, K) weight cannot use this scheme."""
+    def check_shape(self, shape: tuple[int, int, int]) -> None:  # noqa: B027 (optional hook)
+        """Raise ValueError if an (E, N, K) weight cannot use this scheme (default: any shape)."""
 
     @abstractmethod
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
