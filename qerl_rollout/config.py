@@ -124,6 +124,9 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
     save_every: int = 0            # save the LoRA adapter every N steps (0: only at the end)
+    # Every N steps, compare the experts the BF16 policy and its quantized copy route the first
+    # sample's tokens to (router/topk_agreement). Builds a second model: small models only.
+    router_stats_every: int = 0
 
     def __post_init__(self):
         if self.steps < 1:

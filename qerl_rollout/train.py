@@ -78,6 +78,8 @@ def run(cfg) -> dict:
             # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
             report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
             logged = _step_metrics(rewards, metrics, report, samples, t0, t1, t2)
+            if cfg.run.router_stats_every and step % cfg.run.router_stats_every == 0:
+                logged.update(_router_metrics(cfg, policy, samples[0]))
             tracker.log(step, logged)
             _print_step(step, cfg.run.steps, logged)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -219,6 +221,19 @@ def _step_metrics(rewards, metrics, report, samples, t0, t1, t2) -> dict:
         "sync/mb": report.bytes_sent / 1e6, "sync/wire_ratio": report.wire_ratio,
         "sync/version": report.version,
     }
+
+
+def _router_metrics(cfg, policy, sample) -> dict:
+    """Top-k expert agreement, BF16 policy vs the engine's quantized numbers, on one sample."""
+    import torch
+
+    from qerl_rollout.sync.router_stats import qdq_copy, router_topk_agreement
+
+    ids = torch.tensor([sample.prompt_token_ids + sample.token_ids], device=policy.device)
+    rollout_copy = qdq_copy(policy.model, cfg.rollout.scheme).to(policy.device)
+    with torch.no_grad():
+        agreement = router_topk_agreement(policy.model, rollout_copy, ids)
+    return {"router/topk_agreement": agreement.mean, "router/topk_exact": agreement.exact}
 
 
 def _print_step(step: int, steps: int, m: dict) -> None:

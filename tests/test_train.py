@@ -53,7 +53,7 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("placement", ["local", "ray"])
 def test_short_run_trains_pushes_and_records(tmp_path, placement):
-    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3",
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=3",
             f"placement.mode={placement}", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
     assert train.main(argv) == 0
     run_dir = tmp_path / "r"
@@ -64,6 +64,9 @@ def test_short_run_trains_pushes_and_records(tmp_path, placement):
     assert [r["sync/version"] for r in rows] == [1, 2, 3]
     assert rows[1]["sync/mb"] < rows[0]["sync/mb"]            # delta pushes after the first
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+    # Routers stay BF16; only the quantized layers below them move their inputs a little.
+    assert "router/topk_agreement" not in rows[1]
+    assert 0.5 <= rows[2]["router/topk_exact"] <= rows[2]["router/topk_agreement"] <= 1.0
     assert json.loads((run_dir / "config.json").read_text())["placement"]["mode"] == placement
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
