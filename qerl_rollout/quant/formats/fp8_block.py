@@ -32,7 +32,7 @@ class Fp8Block(QuantScheme):
         return {"weight": w_fp8, "weight_scale": scale}
 
     def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        w = kernels.reference.fp8_dequantize(tensors["weight"], tensors["weight_scale"], BLOCK)
+        w = kernels.fp8_dequantize(tensors["weight"], tensors["weight_scale"], BLOCK)
         return w.to(dtype)
 
     def scheme_args(self) -> dict[str, Any]:

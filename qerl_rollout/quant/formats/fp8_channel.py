@@ -29,7 +29,7 @@ class Fp8Channel(QuantScheme):
 
     def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         w_fp8 = tensors["weight"]
-        w = kernels.reference.fp8_dequantize(w_fp8, tensors["weight_scale"], (1, w_fp8.shape[-1]))
+        w = kernels.fp8_dequantize(w_fp8, tensors["weight_scale"], (1, w_fp8.shape[-1]))
         return w.to(dtype)
 
     def scheme_args(self) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class Nvfp4(QuantScheme):
 
     def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         global_scale = tensors["weight_global_scale"].reshape(-1)
-        return kernels.reference.nvfp4_dequantize(
+        return kernels.nvfp4_dequantize(
             tensors["weight_packed"], tensors["weight_scale"], global_scale, dtype
         )
 

@@ -73,6 +73,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.qr_fp8.restype = ctypes.c_uint16
     lib.qr_nvfp4.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
     lib.qr_nvfp4.restype = ctypes.c_uint16
+    lib.qr_fp8_dequant.argtypes = [ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, c_int]
+    lib.qr_fp8_dequant.restype = None
+    lib.qr_nvfp4_dequant.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int]
+    lib.qr_nvfp4_dequant.restype = None
     return lib
 
 
@@ -158,3 +162,26 @@ def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor,
     )
     _check_finite(seen, w_3d.dtype)
     return packed, scale.view(torch.float8_e4m3fn)
+
+
+def fp8_dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(E, N, K) fp8 and (E, ceil(N/bh), ceil(K/bw)) scales -> (E, N, K) in the scale's dtype."""
+    w_fp8, scale = w_fp8.contiguous(), scale.contiguous()
+    E, N, K = w_fp8.shape
+    out = _empty((E, N, K), scale.dtype)
+    _lib().qr_fp8_dequant(w_fp8.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
+                          E, N, K, block[0], block[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def nvfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """(E, N, K/2) packed, (E, N, K/16) e4m3 scales, (E,) fp32 -> (E, N, K) in `dtype`."""
+    packed, scale = packed.contiguous(), scale.contiguous().view(torch.uint8)
+    global_scale = global_scale.to(torch.float32).contiguous()
+    E, N, half_k = packed.shape
+    out = _empty((E, N, 2 * half_k), dtype)
+    _lib().qr_nvfp4_dequant(packed.data_ptr(), scale.data_ptr(), global_scale.data_ptr(),
+                            int(dtype == torch.bfloat16), E, N, 2 * half_k, out.data_ptr(),
+                            torch.get_num_threads())
+    return out

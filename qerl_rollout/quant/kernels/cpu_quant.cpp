@@ -304,6 +304,89 @@ uint16_t nvfp4_quant(const uint16_t* w, int64_t E, int64_t N, int64_t K,
   return seen;
 }
 
+
+// ---- dequantize: what an emulate-mode engine does with every pushed layer ----
+// fp8: out = W(float(e4m3) * float(scale)), torch's bf16/fp16 multiply (fp32 product, one
+// rounding). nvfp4: out = W(e2m1 * (float(e4m3 scale) / global_scale)), the twin's fp32 flow.
+// The e4m3 NaN codes (0x7F, 0xFF) decode to NaN like torch.
+inline float e4m3_to_f(uint8_t b) {
+  const uint32_t mag = b & 0x7Fu, exp = mag >> 3, man = mag & 7u;
+  if (mag == 0x7Fu) return f_of(0x7FC00000u);
+  const float v = exp ? f_of(((exp + 120u) << 23) | (man << 20)) : float(man) * 0.001953125f;
+  return (b & 0x80u) ? -v : v;
+}
+
+#ifdef QR_AVX512
+template <class W> inline void store16_w(__m512 f, uint16_t* out);  // round to W, store 16
+template <> inline void store16_w<BF16>(__m512 f, uint16_t* out) {
+  const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(round_to_w<BF16>(f)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+}
+template <> inline void store16_w<F16>(__m512 f, uint16_t* out) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// 16 e4m3 bytes -> 16 fp32 values (NaN codes -> NaN), as e4m3_to_f.
+inline __m512 e4m3_16_to_f(const uint8_t* q) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  __m512 v = e4m3_pos_to_f_avx512(mag);
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F));
+  return _mm512_mask_blend_ps(nan, v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+}
+#endif
+
+template <class W>
+void fp8_dequant(const uint8_t* q, const uint16_t* scale, int64_t E, int64_t N, int64_t K,
+                 int64_t bh, int64_t bw, uint16_t* out, int nthreads) {
+  const int64_t nrb = (N + bh - 1) / bh, ncb = (K + bw - 1) / bw;
+  float lut[256];
+  for (int i = 0; i < 256; ++i) lut[i] = e4m3_to_f(uint8_t(i));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t er = 0; er < E * N; ++er) {
+    const int64_t e = er / N, r = er % N;
+    const uint16_t* srow = scale + (e * nrb + r / bh) * ncb;
+    const uint8_t* qrow = q + er * K;
+    uint16_t* orow = out + er * K;
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      const float s = W::to_f(srow[cb]);
+      const int64_t c1 = std::min(K, cb * bw + bw);
+      int64_t c = cb * bw;
+#ifdef QR_AVX512
+      const __m512 s16 = _mm512_set1_ps(s);
+      for (; c + 16 <= c1; c += 16) store16_w<W>(_mm512_mul_ps(e4m3_16_to_f(qrow + c), s16), orow + c);
+#endif
+      for (; c < c1; ++c) orow[c] = W::from_f(lut[qrow[c]] * s);
+    }
+  }
+}
+
+template <class W>
+void nvfp4_dequant(const uint8_t* packed, const uint8_t* scale, const float* global_scale,
+                   int64_t E, int64_t N, int64_t K, uint16_t* out, int nthreads) {
+  static const float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                                  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+  const int64_t G = K / 16;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t er = 0; er < E * N; ++er) {
+    const float gs = global_scale[er / N];
+    const uint8_t* prow = packed + er * (K / 2);
+    const uint8_t* srow = scale + er * G;
+    uint16_t* orow = out + er * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = e4m3_to_f(srow[g]) / gs;
+      for (int64_t j = 0; j < 8; ++j) {
+        const uint8_t b = prow[g * 8 + j];
+        orow[g * 16 + 2 * j] = W::from_f(kE2M1[b & 0xF] * s);
+        orow[g * 16 + 2 * j + 1] = W::from_f(kE2M1[b >> 4] * s);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -329,6 +412,18 @@ uint16_t qr_nvfp4(const uint16_t* w, int is_bf16, int64_t E, int64_t N, int64_t 
                   const float* global_scale, uint8_t* packed, uint8_t* scale, int nthreads) {
   return is_bf16 ? nvfp4_quant<BF16>(w, E, N, K, global_scale, packed, scale, nthreads)
                  : nvfp4_quant<F16>(w, E, N, K, global_scale, packed, scale, nthreads);
+}
+
+void qr_fp8_dequant(const uint8_t* q, const uint16_t* scale, int is_bf16, int64_t E, int64_t N,
+                    int64_t K, int64_t bh, int64_t bw, uint16_t* out, int nthreads) {
+  if (is_bf16) fp8_dequant<BF16>(q, scale, E, N, K, bh, bw, out, nthreads);
+  else fp8_dequant<F16>(q, scale, E, N, K, bh, bw, out, nthreads);
+}
+
+void qr_nvfp4_dequant(const uint8_t* packed, const uint8_t* scale, const float* global_scale,
+                      int is_bf16, int64_t E, int64_t N, int64_t K, uint16_t* out, int nthreads) {
+  if (is_bf16) nvfp4_dequant<BF16>(packed, scale, global_scale, E, N, K, out, nthreads);
+  else nvfp4_dequant<F16>(packed, scale, global_scale, E, N, K, out, nthreads);
 }
 
 }  // extern "C"
