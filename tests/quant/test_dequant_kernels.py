@@ -10,8 +10,6 @@ import torch
 from qerl_rollout.quant import quantize
 from qerl_rollout.quant.kernels import cpu, reference
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="g++ build of the C++ kernels failed")
-
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     nan = torch.isnan(b)
