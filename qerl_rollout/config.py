@@ -18,7 +18,7 @@ from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import PolicyConfig
 from qerl_rollout.tracking import TrackingConfig
 
-QUANT_SCHEMES = ("bf16", "fp8_block", "fp8_channel", "nvfp4")
+QUANT_SCHEMES = ("bf16", "fp8_block", "fp8_channel", "int8", "nvfp4")
 QUANT_MODES = ("auto", "kernel", "emulate")
 
 

@@ -1,6 +1,6 @@
 """`python -m qerl_rollout.quantize`: write an FP8/NVFP4 compressed-tensors copy of a checkpoint.
 
-    python -m qerl_rollout.quantize --model DIR --scheme {fp8_block,fp8_channel,nvfp4} --out DIR [--overwrite]
+    python -m qerl_rollout.quantize --model DIR --scheme {fp8_block,fp8_channel,int8,nvfp4} --out DIR [--overwrite]
 
 Routers, shared-expert gates, lm_head, embeddings and norms stay BF16 (see
 `qerl_rollout.quant.plan`); the export itself is `qerl_rollout.quant.export.export_checkpoint`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SCHEME_CHOICES = ("fp8_block", "fp8_channel", "nvfp4")
+SCHEME_CHOICES = ("fp8_block", "fp8_channel", "int8", "nvfp4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

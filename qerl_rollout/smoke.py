@@ -18,7 +18,7 @@ from pathlib import Path
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m qerl_rollout.smoke", description=__doc__.splitlines()[0])
-    p.add_argument("--scheme", default="fp8_block", choices=["bf16", "fp8_block", "fp8_channel", "nvfp4"])
+    p.add_argument("--scheme", default="fp8_block", choices=["bf16", "fp8_block", "fp8_channel", "int8", "nvfp4"])
     p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "qwen2_moe", "mixtral"])
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=16)

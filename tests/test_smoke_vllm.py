@@ -11,6 +11,9 @@ import pytest
 def llm(tiny_qwen3_moe):
     from vllm import LLM
 
+    from qerl_rollout.rollout.engine import enable_cpu_amx
+
+    enable_cpu_amx()   # on AMX CPUs vLLM's kernels need the tile state (see its docstring)
     engine = LLM(
         model=str(tiny_qwen3_moe),
         dtype="bfloat16",

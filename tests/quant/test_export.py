@@ -15,8 +15,9 @@ from qerl_rollout.quant.export import ExportError, export_checkpoint
 from qerl_rollout.quant.plan import build_plan_from_checkpoint
 from qerl_rollout.quantize import main as cli_main
 
-SCHEMES = ["fp8_block", "fp8_channel", "nvfp4"]
+SCHEMES = ["fp8_block", "fp8_channel", "int8", "nvfp4"]
 COMPRESSED_KEYS = {
+    "int8": {"weight": torch.int8, "weight_scale": torch.bfloat16},
     "fp8_block": {"weight": torch.float8_e4m3fn, "weight_scale": torch.bfloat16},
     "fp8_channel": {"weight": torch.float8_e4m3fn, "weight_scale": torch.bfloat16},
     "nvfp4": {
@@ -172,7 +173,8 @@ def test_config_and_side_files(scheme, tiny_model, exported):
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     parsed = QuantizationConfig.model_validate(qc)
-    preset = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC", "nvfp4": "NVFP4A16"}[scheme]
+    preset = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC", "nvfp4": "NVFP4A16",
+              "int8": "W8A8"}[scheme]
     expected = preset_name_to_scheme(preset, ["Linear"])
     assert parsed.config_groups["group_0"].weights == expected.weights
     assert parsed.config_groups["group_0"].input_activations == expected.input_activations

@@ -11,12 +11,12 @@ from qerl_rollout.quant.kernels.ct_oracle import ct_scheme
 
 
 def test_schemes_registered():
-    assert SCHEMES == ("fp8_block", "fp8_channel", "nvfp4")
+    assert SCHEMES == ("fp8_block", "fp8_channel", "int8", "nvfp4")
     assert all(get_scheme(name).name == name for name in SCHEMES)
 
 
 def test_unknown_scheme_names_valid_ones():
-    with pytest.raises(ValueError, match="fp8_block, fp8_channel, nvfp4"):
+    with pytest.raises(ValueError, match="fp8_block, fp8_channel, int8, nvfp4"):
         get_scheme("int4")
     with pytest.raises(ValueError, match="unknown quantization scheme 'int4'"):
         quantize(torch.zeros(16, 16, dtype=torch.bfloat16), "int4")
@@ -45,7 +45,7 @@ def test_register_decorator_adds_a_scheme():
         registry._REGISTRY.pop("dummy_test")
 
 
-@pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "nvfp4"])
+@pytest.mark.parametrize("name", ["fp8_block", "fp8_channel", "int8", "nvfp4"])
 def test_config_group_matches_compressed_tensors_preset(name):
     from compressed_tensors.quantization import QuantizationScheme
 
@@ -55,12 +55,14 @@ def test_config_group_matches_compressed_tensors_preset(name):
     expected["format"] = scheme.format
     assert QuantizationScheme.model_validate(group).model_dump(mode="json") == expected
     assert group == expected  # already in the serialized form
-    assert scheme.format == {"nvfp4": "nvfp4-pack-quantized"}.get(name, "float-quantized")
+    formats = {"nvfp4": "nvfp4-pack-quantized", "int8": "int-quantized"}
+    assert scheme.format == formats.get(name, "float-quantized")
 
 
 EXPECTED_2D = {  # (N, K) = (300, 160)
     "fp8_block": {"weight": ((300, 160), torch.float8_e4m3fn), "weight_scale": ((3, 2), torch.bfloat16)},
     "fp8_channel": {"weight": ((300, 160), torch.float8_e4m3fn), "weight_scale": ((300, 1), torch.bfloat16)},
+    "int8": {"weight": ((300, 160), torch.int8), "weight_scale": ((300, 1), torch.bfloat16)},
     "nvfp4": {
         "weight_packed": ((300, 80), torch.uint8),
         "weight_scale": ((300, 10), torch.float8_e4m3fn),
@@ -93,7 +95,7 @@ def test_compressed_layout_2d_and_3d(name):
 def test_nbytes_are_smaller():
     w = torch.randn(256, 256).to(torch.bfloat16)
     sizes = {name: quantize(w, name).nbytes for name in SCHEMES}
-    assert sizes["fp8_channel"] == 256 * 256 + 256 * 2
+    assert sizes["fp8_channel"] == sizes["int8"] == 256 * 256 + 256 * 2
     assert sizes["nvfp4"] == 256 * 128 + 256 * 16 + 4
 
 

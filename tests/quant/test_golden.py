@@ -103,7 +103,7 @@ def _weights(dtype: torch.dtype, shape: tuple[int, int], seed: int) -> torch.Ten
 
 
 SHAPES = [(128, 128), (256, 512), (200, 300), (130, 48), (1, 16), (17, 32), (384, 272), (7, 1)]
-CASES = [(s, shape) for s in ("fp8_block", "fp8_channel", "nvfp4") for shape in SHAPES
+CASES = [(s, shape) for s in ("fp8_block", "fp8_channel", "int8", "nvfp4") for shape in SHAPES
          if s != "nvfp4" or shape[1] % 16 == 0]
 
 
@@ -133,7 +133,7 @@ def test_nvfp4_global_amax_matches_compressed_tensors(dtype):
         _assert_same(quantize(w, "nvfp4", global_amax=amax).compressed(), ct_compress(w, "nvfp4", amax))
 
 
-@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "nvfp4"])
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8", "nvfp4"])
 def test_stacked_experts_match_compressed_tensors(scheme):
     w = torch.stack([_weights(torch.bfloat16, (136, 256), seed=e) * (10.0**e) for e in range(-2, 2)])
     ours = quantize(w, scheme).compressed()
@@ -147,11 +147,11 @@ def test_random_bit_patterns_match_compressed_tensors():
     bits = torch.randint(-(2**15), 2**15, (256, 256), generator=g, dtype=torch.int32).to(torch.int16)
     w = bits.view(torch.bfloat16)
     w = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=torch.bfloat16))
-    for scheme in ("fp8_block", "fp8_channel", "nvfp4"):
+    for scheme in ("fp8_block", "fp8_channel", "int8", "nvfp4"):
         _assert_same(quantize(w, scheme).compressed(), ct_compress(w, scheme))
 
 
-@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "nvfp4"])
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8", "nvfp4"])
 def test_corrupted_reference_fails(scheme):
     """The comparison can fail: flip one byte of our output and it must no longer match."""
     w = _weights(torch.bfloat16, (128, 128), seed=1)
@@ -161,3 +161,37 @@ def test_corrupted_reference_fails(scheme):
     ours[key].view(torch.uint8)[5, 5] ^= 0x01
     with pytest.raises(AssertionError):
         _assert_same(ours, ct_compress(w, scheme))
+
+
+# int8 golden rows, derived by hand. Row 0: amax 127.5 gives scale = 127.5 / 127.5 = 1.0, so
+# w / scale = w and the integer rounding alone decides: ties go to the even integer (0.5 -> 0,
+# 1.5 -> 2, 2.5 -> 2, -0.5 -> 0, -1.5 -> -2), 127.5 -> 128 clamps to 127, and -127.5 rounds to
+# -128 (the only way to reach -128). Row 1: an all-zero row gets compressed-tensors' eps scale
+# (finfo(dtype).eps) and zero codes. Row 2, in bf16: 2.55 is stored as 2.546875, scale =
+# bf16(2.546875 / 127.5 = 0.019976) = 0.02001953125 (41/2048); 2.546875 / scale = 127.22 ->
+# 127; 1.0 / scale = 49.95 -> bf16 50.0 -> 50; 0.01 is stored as 41/4096, exactly half the
+# scale: a tie, -> 0; 0.5 / scale = 24.98 -> bf16 25.0 -> 25. In fp16 the same row differs:
+# 2.55 -> 2.55078, scale 0.0200043, 2.55078 / scale = 127.51 -> fp16 127.5, a tie: +127.5 ->
+# 128 -> clamped 127 but -127.5 -> -128 (the division's rounding to the weight dtype matters).
+INT8_GOLDEN = [
+    ([127.5, 0.5, 1.5, 2.5, -0.5, -1.5, -127.5, 0.0], {"all": [127, 0, 2, 2, 0, -2, -128, 0]}),
+    ([0.0] * 8, {"all": [0] * 8}),
+    ([2.55, -2.55, 1.0, 0.01, 0.0, -0.0, 0.5, -1.0],
+     {torch.bfloat16: [127, -127, 50, 0, 0, 0, 25, -50], torch.float16: [127, -128, 50, 0, 0, 0, 25, -50]}),
+]
+INT8_GOLDEN_SCALES = {torch.bfloat16: [1.0, 2.0**-7, 41 / 2048], torch.float16: [1.0, 2.0**-10, None]}
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_golden(impl, dtype):
+    from qerl_rollout.quant.kernels import cpu, reference
+
+    w = torch.tensor([row for row, _ in INT8_GOLDEN], dtype=dtype)[None]
+    q, scale = cpu.int8(w, torch.finfo(dtype).eps) if impl == "cpu" else reference.int8(w)
+    for i, (_, codes) in enumerate(INT8_GOLDEN):
+        assert q[0, i].tolist() == codes.get("all", codes.get(dtype)), i
+        expected_scale = INT8_GOLDEN_SCALES[dtype][i]
+        if expected_scale is not None:
+            assert scale[0, i, 0].item() == expected_scale, i
+    _assert_same({"weight": q[0], "weight_scale": scale[0]}, ct_compress(w[0], "int8"))

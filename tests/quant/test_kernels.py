@@ -60,6 +60,15 @@ def test_nvfp4_fast_equals_twin(shape, dtype, make):
         assert _same(fast[0], twin[0]) and _same(fast[1], twin[1])
 
 
+@pytest.mark.parametrize("make", [_weights, _random_bits])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_fast_equals_twin(shape, dtype, make):
+    w = make(shape, dtype, seed=sum(shape))
+    fast, twin = cpu.int8(w, reference.fp8_scale_eps(dtype)), reference.int8(w)
+    assert _same(fast[0], twin[0]) and _same(fast[1], twin[1])
+
+
 def test_non_contiguous_input():
     w = _weights((2, 256, 128), torch.bfloat16, seed=0).transpose(1, 2)
     fast, twin = cpu.fp8(w, (128, 128), 2**-7), reference.fp8(w, (128, 128))
@@ -75,6 +84,8 @@ def test_fast_path_rejects_non_finite(bad, dtype):
         cpu.fp8(w, (128, 128), 2**-7)
     with pytest.raises(ValueError, match="NaN or Inf"):
         cpu.fp8(w, (1, 256), 2**-7)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cpu.int8(w, 2**-7)
     with pytest.raises(ValueError, match="NaN or Inf"):
         cpu.absmax(w)
     with pytest.raises(ValueError, match="NaN or Inf"):

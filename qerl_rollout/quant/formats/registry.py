@@ -73,12 +73,21 @@ def get_scheme(name: str) -> QuantScheme:
         raise ValueError(f"unknown quantization scheme {name!r}; valid: {valid}") from None
 
 
-def float_args(**overrides: Any) -> dict[str, Any]:
-    """A compressed-tensors QuantizationArgs for floats, as its model_dump(mode="json") writes it."""
+def _quant_args(type_: str, overrides: dict[str, Any]) -> dict[str, Any]:
     args = {
-        "num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+        "num_bits": 8, "type": type_, "symmetric": True, "group_size": None,
         "strategy": None, "block_structure": None, "dynamic": False, "actorder": None,
         "scale_dtype": None, "zp_dtype": None, "observer": None, "observer_kwargs": {},
     }
     args.update(overrides)
     return args
+
+
+def float_args(**overrides: Any) -> dict[str, Any]:
+    """A compressed-tensors QuantizationArgs for floats, as its model_dump(mode="json") writes it."""
+    return _quant_args("float", overrides)
+
+
+def int_args(**overrides: Any) -> dict[str, Any]:
+    """The same for symmetric integers."""
+    return _quant_args("int", overrides)

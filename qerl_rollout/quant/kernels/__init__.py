@@ -35,6 +35,13 @@ def fp8(w_3d: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch
     return reference.fp8(w_3d, block)
 
 
+def int8(w_3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cpu.supports(w_3d):
+        return cpu.int8(w_3d, reference.fp8_scale_eps(w_3d.dtype))
+    _check_finite(w_3d)
+    return reference.int8(w_3d)
+
+
 def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if cpu.supports(w_3d):
         return cpu.nvfp4(w_3d, global_scale)
@@ -46,6 +53,12 @@ def fp8_dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
     if w_fp8.device.type == "cpu" and scale.dtype in (torch.bfloat16, torch.float16) and cpu.available():
         return cpu.fp8_dequantize(w_fp8, scale, block)
     return reference.fp8_dequantize(w_fp8, scale, block)
+
+
+def int8_dequantize(w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if w_int8.device.type == "cpu" and scale.dtype in (torch.bfloat16, torch.float16) and cpu.available():
+        return cpu.int8_dequantize(w_int8, scale)
+    return reference.int8_dequantize(w_int8, scale)
 
 
 def nvfp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,

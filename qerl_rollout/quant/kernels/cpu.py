@@ -71,6 +71,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.qr_absmax_u16.restype = None
     lib.qr_fp8.argtypes = [ptr, c_int, i64, i64, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int]
     lib.qr_fp8.restype = ctypes.c_uint16
+    lib.qr_int8.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ctypes.c_float, c_int]
+    lib.qr_int8.restype = ctypes.c_uint16
+    lib.qr_int8_dequant.argtypes = [ptr, ptr, c_int, i64, i64, ptr, c_int]
+    lib.qr_int8_dequant.restype = None
     lib.qr_nvfp4.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
     lib.qr_nvfp4.restype = ctypes.c_uint16
     lib.qr_fp8_dequant.argtypes = [ptr, ptr, c_int, i64, i64, i64, i64, i64, ptr, c_int]
@@ -149,6 +153,18 @@ def fp8(w_3d: torch.Tensor, block: tuple[int, int], eps: float) -> tuple[torch.T
     return w_fp8, scale
 
 
+def int8(w_3d: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, N, K) -> (w_int8 (E, N, K), scale (E, N, 1) in w's dtype)."""
+    w_3d = w_3d.contiguous()
+    E, N, K = w_3d.shape
+    w_int8 = _empty((E, N, K), torch.int8)
+    scale = torch.empty((E, N, 1), dtype=w_3d.dtype)
+    seen = _lib().qr_int8(w_3d.data_ptr(), int(w_3d.dtype == torch.bfloat16), E, N, K,
+                          w_int8.data_ptr(), scale.data_ptr(), eps, torch.get_num_threads())
+    _check_finite(seen, w_3d.dtype)
+    return w_int8, scale
+
+
 def nvfp4(w_3d: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, N, K) with fp32 global_scale (E,) -> (packed (E, N, K/2) uint8, scale (E, N, K/16) e4m3)."""
     w_3d = w_3d.contiguous()
@@ -171,6 +187,16 @@ def fp8_dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
     out = _empty((E, N, K), scale.dtype)
     _lib().qr_fp8_dequant(w_fp8.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
                           E, N, K, block[0], block[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def int8_dequantize(w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(E, N, K) int8 and (E, N, 1) scales -> (E, N, K) in the scale's dtype."""
+    w_int8, scale = w_int8.contiguous(), scale.contiguous()
+    E, N, K = w_int8.shape
+    out = _empty((E, N, K), scale.dtype)
+    _lib().qr_int8_dequant(w_int8.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
+                           E * N, K, out.data_ptr(), torch.get_num_threads())
     return out
 
 

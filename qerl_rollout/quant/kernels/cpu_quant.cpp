@@ -4,7 +4,7 @@
 // reference twin in reference.py): the weight is bf16 or fp16 (`W`), every division is done in
 // fp32 and rounded where torch rounds, and the zero zero-point that the compressor adds before
 // rounding turns -0 into +0. The work is tiled so a tile stays in L1/L2 (a 128x128 block for
-// fp8_block, one row for fp8_channel and nvfp4) and written as branch-free loops that g++
+// fp8_block, one row for fp8_channel, int8 and nvfp4) and written as branch-free loops that g++
 // vectorizes. Inputs must be finite: each kernel reports the largest |x| bit pattern it saw, and
 // the caller raises on NaN/Inf. Left out: strided inputs (the caller makes them contiguous).
 #include <algorithm>
@@ -220,6 +220,49 @@ uint16_t fp8_quant(const uint16_t* w, int64_t E, int64_t N, int64_t K, int64_t b
   return seen;
 }
 
+// ---- int8: one scale per row, scale = W(amax / 127.5), q = rne(clamp(W(x / scale) + 0)) ----
+#ifdef QR_AVX512
+// 16 values -> 16 int8 codes (as the scalar loop in int8_row).
+template <class W>
+inline void int8_16_avx512(const uint16_t* x, __m512 scale, int8_t* q16) {
+  __m512 v = round_to_w<W>(_mm512_div_ps(load16_f<W>(x), scale));
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
+  const __m512i i = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q16), _mm512_cvtepi32_epi8(i));
+}
+#endif
+
+template <class W>
+uint16_t int8_row(const uint16_t* __restrict x, int8_t* __restrict q, int64_t K,
+                  uint16_t* __restrict scale_out, float eps) {
+  uint16_t amax = 0;
+  for (int64_t c = 0; c < K; ++c) amax = std::max<uint16_t>(amax, x[c] & 0x7FFF);
+  float s = W::to_f(W::from_f(W::to_f(amax) / 127.5f));
+  if (s == 0.0f) s = eps;
+  *scale_out = W::from_f(s);
+  int64_t c = 0;
+#ifdef QR_AVX512
+  const __m512 s16 = _mm512_set1_ps(s);
+  for (; c + 16 <= K; c += 16) int8_16_avx512<W>(x + c, s16, q + c);
+#endif
+  for (; c < K; ++c) {
+    float v = W::to_f(W::from_f(W::to_f(x[c]) / s));  // the zero zero-point changes no integer
+    v = std::min(std::max(v, -128.0f), 127.0f);
+    q[c] = int8_t(std::nearbyint(v));                  // round half to even (default FE mode)
+  }
+  return amax;
+}
+
+template <class W>
+uint16_t int8_quant(const uint16_t* w, int64_t E, int64_t N, int64_t K, int8_t* q,
+                    uint16_t* scale, float eps, int nthreads) {
+  uint16_t seen = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(max : seen)
+  for (int64_t r = 0; r < E * N; ++r)
+    seen = std::max(seen, int8_row<W>(w + r * K, q + r * K, K, scale + r, eps));
+  return seen;
+}
+
 // ---- nvfp4: E2M1 codes, fp8 group scales, per-expert fp32 global scale ----
 inline uint32_t e2m1_code(float v) {  // v already divided by the scale, + zero point
   v = std::min(std::max(v, -6.0f), 6.0f);
@@ -365,6 +408,26 @@ void fp8_dequant(const uint8_t* q, const uint16_t* scale, int64_t E, int64_t N, 
 }
 
 template <class W>
+void int8_dequant(const int8_t* q, const uint16_t* scale, int64_t rows, int64_t K, uint16_t* out,
+                  int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float s = W::to_f(scale[r]);
+    const int8_t* qrow = q + r * K;
+    uint16_t* orow = out + r * K;
+    int64_t c = 0;
+#ifdef QR_AVX512
+    const __m512 s16 = _mm512_set1_ps(s);
+    for (; c + 16 <= K; c += 16) {
+      const __m512i i = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + c)));
+      store16_w<W>(_mm512_mul_ps(_mm512_cvtepi32_ps(i), s16), orow + c);
+    }
+#endif
+    for (; c < K; ++c) orow[c] = W::from_f(float(qrow[c]) * s);
+  }
+}
+
+template <class W>
 void nvfp4_dequant(const uint8_t* packed, const uint8_t* scale, const float* global_scale,
                    int64_t E, int64_t N, int64_t K, uint16_t* out, int nthreads) {
   static const float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
@@ -406,6 +469,18 @@ uint16_t qr_fp8(const uint16_t* w, int is_bf16, int64_t E, int64_t N, int64_t K,
                 int64_t bw, uint8_t* q, uint16_t* scale, float eps, int nthreads) {
   return is_bf16 ? fp8_quant<BF16>(w, E, N, K, bh, bw, q, scale, eps, nthreads)
                  : fp8_quant<F16>(w, E, N, K, bh, bw, q, scale, eps, nthreads);
+}
+
+uint16_t qr_int8(const uint16_t* w, int is_bf16, int64_t E, int64_t N, int64_t K, int8_t* q,
+                 uint16_t* scale, float eps, int nthreads) {
+  return is_bf16 ? int8_quant<BF16>(w, E, N, K, q, scale, eps, nthreads)
+                 : int8_quant<F16>(w, E, N, K, q, scale, eps, nthreads);
+}
+
+void qr_int8_dequant(const int8_t* q, const uint16_t* scale, int is_bf16, int64_t rows, int64_t K,
+                     uint16_t* out, int nthreads) {
+  if (is_bf16) int8_dequant<BF16>(q, scale, rows, K, out, nthreads);
+  else int8_dequant<F16>(q, scale, rows, K, out, nthreads);
 }
 
 uint16_t qr_nvfp4(const uint16_t* w, int is_bf16, int64_t E, int64_t N, int64_t K,

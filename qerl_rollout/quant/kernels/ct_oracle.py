@@ -1,7 +1,7 @@
 """compressed-tensors 0.17 as the oracle: quantize one 2-D weight the way an llm-compressor
 checkpoint is made, using that library's own functions.
 
-How it works: for each preset (FP8_BLOCK, FP8_DYNAMIC, NVFP4A16) it plays llm-compressor's
+How it works: for each preset (FP8_BLOCK, FP8_DYNAMIC, NVFP4A16, W8A8) it plays llm-compressor's
 part (a min-max observer over the weight's blocks / rows / groups in the weight's dtype,
 `generate_gparam` for the NVFP4 global scale), calls `calculate_qparams`, stores the scale
 in a parameter of the weight's dtype as `initialize_qparams` registers it, and then calls the
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-PRESETS = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC", "nvfp4": "NVFP4A16"}
+PRESETS = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC", "nvfp4": "NVFP4A16", "int8": "W8A8"}
+FORMATS = {"fp8_block": "float-quantized", "fp8_channel": "float-quantized",
+           "nvfp4": "nvfp4-pack-quantized", "int8": "int-quantized"}
 
 
 def ct_scheme(name: str):
@@ -37,7 +39,7 @@ def _observe(w_2d: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]
         w_pad = maybe_pad_tensor_for_block_quant(w_2d, (128, 128))
         blocks = w_pad.unflatten(0, (-1, 128)).unflatten(-1, (-1, 128)).transpose(1, 2)
         return blocks.amin(dim=(-2, -1)), blocks.amax(dim=(-2, -1))
-    if name == "fp8_channel":
+    if name in ("fp8_channel", "int8"):
         return w_2d.amin(dim=1, keepdim=True), w_2d.amax(dim=1, keepdim=True)
     groups = w_2d.unflatten(-1, (-1, 16))
     return groups.amin(dim=-1), groups.amax(dim=-1)
@@ -69,8 +71,7 @@ def ct_compress(
     scale, zero_point = calculate_qparams(min_vals, max_vals, scheme.weights, global_scale)
     state["weight_scale"] = scale.to(w_2d.dtype)  # the parameter initialize_qparams registers
     state["weight_zero_point"] = zero_point
-    fmt = "nvfp4-pack-quantized" if name == "nvfp4" else "float-quantized"
-    compressor = BaseCompressor.get_value_from_registry(fmt)
+    compressor = BaseCompressor.get_value_from_registry(FORMATS[name])
     return dict(compressor.compress(state, scheme))
 
 

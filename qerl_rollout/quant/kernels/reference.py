@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0
+INT8_HALF_RANGE = 127.5  # compressed-tensors: (q_max - q_min) / 2 = (127 - -128) / 2
 E2M1_MAX = 6.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NVFP4_SCALE_EPS = 0.125  # compressed-tensors' eps for an e4m3 scale
@@ -80,6 +81,20 @@ def fp8_dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, block: tuple[int, i
         return (w * scale[:, :, None, :, None]).view(E, N, K)
     scale_full = scale.repeat_interleave(bh, dim=1).repeat_interleave(bw, dim=2)[:, :N, :K]
     return w_fp8.to(scale.dtype) * scale_full
+
+
+def int8(w_3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, N, K) -> (w_int8 (E, N, K), scale (E, N, 1) in w's dtype), per-row symmetric."""
+    amax = w_3d.abs().amax(dim=-1, keepdim=True)
+    scale = amax / INT8_HALF_RANGE
+    scale = torch.where(scale == 0, fp8_scale_eps(w_3d.dtype), scale)
+    scaled = w_3d / scale + 0.0   # rounded to w's dtype, then + the zero zero-point
+    return scaled.clamp(-128, 127).round().to(torch.int8), scale
+
+
+def int8_dequantize(w_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(E, N, K) int8 and (E, N, 1) scales -> (E, N, K) in the scale's dtype (one rounding)."""
+    return w_int8.to(scale.dtype) * scale
 
 
 def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
