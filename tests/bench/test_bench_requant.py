@@ -1,7 +1,7 @@
 """`python -m qerl_rollout.bench requant --quick` runs and writes a complete JSON.
 
 Timings are not asserted (a shared machine makes them noise); the memory figure is, because
-it is a property of the code: outputs (0.5x input for FP8, 0.28x for NVFP4) plus at most small
+it is a property of the code: outputs (0.5x input for FP8 and INT8, 0.28x for NVFP4) plus at most small
 temporaries, well under the 2x-input budget.
 """
 
@@ -22,10 +22,10 @@ def test_quick_requant_bench_writes_every_case_and_scheme(tmp_path):
     data = json.loads(out.read_text())
     assert [r["case"] for r in data["results"]] == ["4096x4096", "moe 128x768x2048"]
     for result in data["results"]:
-        assert set(result["schemes"]) == {"fp8_block", "fp8_channel", "nvfp4"}
+        assert set(result["schemes"]) == {"fp8_block", "fp8_channel", "int8", "nvfp4"}
         for scheme, row in result["schemes"].items():
             assert row["gbps"] > 0 and row["reference_gbps"] > 0
-            # The outputs alone are 0.5x (FP8) / 0.28x (NVFP4) of the input. Part of them can
+            # The outputs alone are 0.5x (FP8, INT8) / 0.28x (NVFP4) of the input. Part of them can
             # land in pages the process already had resident (freed heap), so the measured
             # growth may sit a little under that: 0.9x of it as the floor; 1.0x as the ceiling,
             # half the issue's 2x budget.

@@ -314,4 +314,4 @@ def test_cli(tiny_model, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert cli_main(args + ["--overwrite"]) == 0
     with pytest.raises(SystemExit):
-        cli_main(["--model", "x", "--scheme", "int8", "--out", "y"])
+        cli_main(["--model", "x", "--scheme", "int4", "--out", "y"])
