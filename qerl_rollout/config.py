@@ -58,10 +58,18 @@ class ModelConfig:
 
     path: str = ""
     tiny_family: str = "qwen3_moe"
+    tiny_size: str = "tiny"        # a shape of qerl_rollout.tiny.SIZES (larger ones: qwen3_moe only)
 
     def __post_init__(self):
+        from qerl_rollout.tiny import SIZES
+
         if not self.path and not self.tiny_family:
             raise ValueError("set model.path (a checkpoint directory) or model.tiny_family")
+        if self.tiny_size not in SIZES:
+            raise ValueError(f"model.tiny_size must be one of {sorted(SIZES)}, got {self.tiny_size!r}")
+        if self.tiny_size != "tiny" and self.tiny_family != "qwen3_moe":
+            raise ValueError(f"model.tiny_size={self.tiny_size} is a qwen3_moe shape; "
+                             f"model.tiny_family is {self.tiny_family!r}")
 
 
 @dataclass
@@ -78,6 +86,10 @@ class RolloutConfig:
     kv_cache_gib: int = 1          # vLLM-CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, an integer)
     gpu_memory_utilization: float = 0.5
     bucket_mb: int = 256           # weight-sync bucket size
+    # Every N steps a BF16 engine, pushed the same policy, generates the same prompts with the
+    # same seed: rollout/speedup_vs_bf16 and quant/kl_vs_bf16 (qerl_rollout.rollout.baseline).
+    # 0: off (a second engine must fit beside the first).
+    baseline_every: int = 0
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
@@ -86,6 +98,8 @@ class RolloutConfig:
                              "(the trainer divides its logits by it)")
         if self.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2: GRPO compares samples within a group")
+        if self.baseline_every < 0:
+            raise ValueError(f"rollout.baseline_every must be >= 0 (0: off), got {self.baseline_every}")
 
 
 @dataclass

@@ -38,8 +38,9 @@ Metric names (`group/name`, so wandb groups the panels):
     sync/wire_ratio                  bytes on the wire / bytes of the BF16 weights
     router/topk_agreement            mean fraction of the top-k experts the quantized copy
                                      and BF16 select alike (`sync.router_stats`)
-    quant/speedup_vs_bf16            rollout/tokens_per_s over a measured BF16 baseline
-                                     (`rollout_speedup`); logged only when one was measured
+    rollout/speedup_vs_bf16          quantized tokens/s over a BF16 engine's on the same batch
+    quant/kl_vs_bf16                 KL(pi_quant || pi_bf16) on the quantized samples; both
+                                     every rollout.baseline_every steps (`rollout.baseline`)
 
 What it leaves out: plots (wandb draws them; `read_metrics` feeds local ones), artifacts and
 checkpoints (the trainer saves adapters itself), resuming a wandb run, and multi-process
@@ -77,14 +78,6 @@ class TrackingConfig:
                 f"tracking.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
         if self.log_every < 1:
             raise ValueError(f"tracking.log_every must be >= 1, got {self.log_every}")
-
-
-def rollout_speedup(tokens_per_s_quant: float, tokens_per_s_bf16: float) -> float:
-    """Quantized rollout tokens/s over the BF16 baseline's (>1: the quantized copy is faster)."""
-    if not (math.isfinite(tokens_per_s_bf16) and tokens_per_s_bf16 > 0):
-        raise ValueError(
-            f"BF16 baseline tokens/s must be a positive number, got {tokens_per_s_bf16}")
-    return float(tokens_per_s_quant) / float(tokens_per_s_bf16)
 
 
 def default_run_name(config: dict) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +40,9 @@ class LocalRollout:
 
     def generate(self, prompt_token_ids, **sampling):
         return self.engine.generate(prompt_token_ids, **sampling)
+
+    def score(self, prompt_token_ids, response_token_ids):
+        return self.engine.score(prompt_token_ids, response_token_ids)
 
     def close(self):
         self.engine.close()
@@ -57,18 +60,25 @@ def run(cfg) -> dict:
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn = _task(cfg, model_dir)
     policy = Policy(_policy_config(cfg, model_dir), cfg.grpo, cfg.mismatch)
-    rollout = _place_rollout(cfg, model_dir)
     stop = [tokenizer.eos_token_id]
-    with closing(rollout), Tracker(cfg.tracking, run_dir, config_dict(cfg)) as tracker:
+    with ExitStack() as resources:
+        rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir)))
+        baseline = _baseline(cfg, model_dir, resources)
+        tracker = resources.enter_context(Tracker(cfg.tracking, run_dir, config_dict(cfg)))
         sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
         for step in range(1, cfg.run.steps + 1):
             t0 = time.perf_counter()
             prompts = sampler.next_batch()
-            samples = rollout.generate([p.prompt_ids for p in prompts], n=cfg.rollout.group_size,
-                                       max_tokens=cfg.rollout.max_tokens, stop_token_ids=stop,
-                                       temperature=cfg.rollout.temperature,
-                                       seed=cfg.run.seed * 100_003 + step)
+            prompt_ids = [p.prompt_ids for p in prompts]
+            sampling = dict(n=cfg.rollout.group_size, max_tokens=cfg.rollout.max_tokens,
+                            stop_token_ids=stop, temperature=cfg.rollout.temperature,
+                            seed=cfg.run.seed * 100_003 + step)
+            samples = rollout.generate(prompt_ids, **sampling)
             t1 = time.perf_counter()
+            measured = {}
+            if baseline and step % cfg.rollout.baseline_every == 0:   # same policy, same seeds
+                measured = baseline.measure(policy.model, prompt_ids, samples, t1 - t0, **sampling)
+            t1b = time.perf_counter()
             rewards = _rewards(samples, prompts, reward_fn, tokenizer)
             batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
             advantages = group_advantages(rewards, cfg.grpo.group_size,
@@ -77,7 +87,8 @@ def run(cfg) -> dict:
             t2 = time.perf_counter()
             # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
             report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
-            logged = _step_metrics(rewards, metrics, report, samples, t0, t1, t2)
+            logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
+            logged.update(measured)
             if cfg.run.router_stats_every and step % cfg.run.router_stats_every == 0:
                 logged.update(_router_metrics(cfg, policy, samples[0]))
             tracker.log(step, logged)
@@ -109,9 +120,10 @@ def _model_dir(cfg, run_dir: Path) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.path {path} has no config.json")
         return path
-    from qerl_rollout.tiny import build_tiny_model
+    from qerl_rollout.tiny import SIZES, build_tiny_model
 
-    return build_tiny_model(cfg.model.tiny_family, run_dir / "model", seed=cfg.run.seed)
+    return build_tiny_model(cfg.model.tiny_family, run_dir / "model", seed=cfg.run.seed,
+                            **SIZES[cfg.model.tiny_size])
 
 
 def _task(cfg, model_dir: Path):
@@ -150,11 +162,21 @@ def _policy_config(cfg, model_dir: Path):
                    betas=tuple(cfg.policy.betas))
 
 
-def _place_rollout(cfg, model_dir: Path):
+def _baseline(cfg, model_dir: Path, resources: ExitStack):
+    """The BF16 engine that measures the speedup, or None (off, or the run is already BF16)."""
+    if not cfg.rollout.baseline_every or cfg.rollout.scheme == "bf16":
+        return None
+    from qerl_rollout.rollout.baseline import BF16Baseline
+
+    rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir, scheme="bf16")))
+    return BF16Baseline(rollout, bucket_bytes=cfg.rollout.bucket_mb << 20)
+
+
+def _place_rollout(cfg, model_dir: Path, scheme: str | None = None):
     from qerl_rollout.config import QuantConfig
 
     r, p = cfg.rollout, cfg.placement
-    quant = QuantConfig(r.scheme, r.mode)
+    quant = QuantConfig(scheme or r.scheme, r.mode)
     engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
     if p.rollout_num_gpus > 0 or _has_cuda():
         engine["gpu_memory_utilization"] = r.gpu_memory_utilization
@@ -207,17 +229,23 @@ def _aqn(cfg, next_step: int):
     return noise if sigma > 0 else None
 
 
-def _step_metrics(rewards, metrics, report, samples, t0, t1, t2) -> dict:
+# Policy metrics -> logged names; the IS-weight ones exist only when mismatch.level != none.
+_POLICY_METRICS = {
+    "loss/policy": "loss", "train/grad_norm": "grad_norm",
+    "mismatch/kl_k1": "mismatch_kl_k1", "mismatch/kl_k3": "mismatch_kl_k3",
+    "mismatch/is_weight_mean": "is_weight_mean", "mismatch/is_clipped_frac": "is_clipped_frac",
+    "mismatch/ess": "is_ess",
+}
+
+
+def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: float) -> dict:
     tokens = sum(len(s.token_ids) for s in samples)
     return {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-        "loss/policy": metrics["loss"], "train/grad_norm": metrics["grad_norm"],
-        "mismatch/kl_k1": metrics["mismatch_kl_k1"], "mismatch/kl_k3": metrics["mismatch_kl_k3"],
-        "mismatch/is_weight_mean": metrics["is_weight_mean"],
-        "mismatch/is_clipped_frac": metrics["is_clipped_frac"], "mismatch/ess": metrics["is_ess"],
-        "rollout/seconds": t1 - t0, "rollout/tokens_per_s": tokens / max(t1 - t0, 1e-9),
+        **{name: metrics[key] for name, key in _POLICY_METRICS.items() if key in metrics},
+        "rollout/seconds": rollout_s, "rollout/tokens_per_s": tokens / max(rollout_s, 1e-9),
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
-        "train/seconds": t2 - t1, "sync/seconds": report.seconds["total"],
+        "train/seconds": train_s, "sync/seconds": report.seconds["total"],
         "sync/mb": report.bytes_sent / 1e6, "sync/wire_ratio": report.wire_ratio,
         "sync/version": report.version,
     }
@@ -240,7 +268,14 @@ def _print_step(step: int, steps: int, m: dict) -> None:
     print(f"step {step}/{steps}  reward {m['reward/mean']:.3f}  loss {m['loss/policy']:+.4f}  "
           f"mismatch_kl {m['mismatch/kl_k3']:.1e}  rollout {m['rollout/seconds']:.1f}s  "
           f"train {m['train/seconds']:.1f}s  push v{m['sync/version']} {m['sync/mb']:.2f} MB "
-          f"{m['sync/seconds']:.2f}s", flush=True)
+          f"{m['sync/seconds']:.2f}s" + _speedup_text(m), flush=True)
+
+
+def _speedup_text(m: dict) -> str:
+    if "rollout/speedup_vs_bf16" not in m:
+        return ""
+    kl = f", kl {m['quant/kl_vs_bf16']:.1e}" if "quant/kl_vs_bf16" in m else ""
+    return f"  vs bf16 {m['rollout/speedup_vs_bf16']:.2f}x{kl}"
 
 
 def _summary(run_dir: Path) -> dict:
@@ -249,8 +284,13 @@ def _summary(run_dir: Path) -> dict:
     rows = read_metrics(run_dir)
     rewards = [r["reward/mean"] for r in rows if r.get("reward/mean") is not None]  # NaN -> null
     window = max(1, min(5, len(rewards)))
-    return {"steps": len(rows), "reward_first5": sum(rewards[:window]) / window,
-            "reward_last5": sum(rewards[-window:]) / window, "run_dir": str(run_dir)}
+    summary = {"steps": len(rows), "reward_first5": sum(rewards[:window]) / window,
+               "reward_last5": sum(rewards[-window:]) / window, "run_dir": str(run_dir)}
+    for key in ("rollout/speedup_vs_bf16", "quant/kl_vs_bf16"):   # medians of the measured steps
+        values = sorted(r[key] for r in rows if r.get(key) is not None)
+        if values:
+            summary[key] = values[len(values) // 2]
+    return summary
 
 
 # ------------------------------------------------------------------------------------- command
@@ -276,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f} "
           f"(mean of the first / last 5 steps) in {summary['steps']} steps; run in {summary['run_dir']}")
+    if "rollout/speedup_vs_bf16" in summary:
+        print(f"rollout {summary['rollout/speedup_vs_bf16']:.2f}x the tokens/s of BF16 (median of the "
+              f"measured steps)")
     return 0
 
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from qerl_rollout.tracking import Tracker, TrackingConfig, read_metrics, rollout_speedup
+from qerl_rollout.tracking import Tracker, TrackingConfig, read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -121,9 +121,9 @@ def test_config_json_is_the_resolved_config(tmp_path):
 def test_disabled_mode_writes_the_local_files_and_no_wandb_run(tmp_path):
     with _tracker(tmp_path, mode="disabled") as t:
         t.log(0, {"reward/mean": 1.0})
-        t.summary({"quant/speedup_vs_bf16": 1.5})
+        t.summary({"reward_last5": 1.5})
     assert read_metrics(t.run_dir) == [{"step": 0, "reward/mean": 1.0}]
-    assert json.loads((t.run_dir / "summary.json").read_text()) == {"quant/speedup_vs_bf16": 1.5}
+    assert json.loads((t.run_dir / "summary.json").read_text()) == {"reward_last5": 1.5}
     assert not list(t.run_dir.glob("wandb/offline-run-*"))
 
 
@@ -152,11 +152,11 @@ def test_offline_wandb_run_holds_history_summary_and_config(tmp_path):
     with _tracker(tmp_path, log_every=2, tags=("cpu",)) as t:
         for step in range(5):
             t.log(step, {"rollout/tokens_per_s": 100.0 + step, "mismatch/kl_k3": step / 7})
-        t.summary({"quant/speedup_vs_bf16": rollout_speedup(300.0, 200.0)})
+        t.summary({"rollout/speedup_vs_bf16": 1.5})
     rec = _wandb_records(t.run_dir)
     assert [h["_step"] for h in rec["history"]] == [0, 2, 4]  # every log_every-th step
     assert [h["mismatch/kl_k3"] for h in rec["history"]] == [0 / 7, 2 / 7, 4 / 7]
-    assert rec["summary"]["quant/speedup_vs_bf16"] == 1.5
+    assert rec["summary"]["rollout/speedup_vs_bf16"] == 1.5
     assert rec["config"]["policy"] == {"lr": 3e-3}
     assert rec["exit"] == [0]
     assert len(read_metrics(t.run_dir)) == 5  # the local file keeps every step
@@ -224,12 +224,6 @@ def test_read_metrics_names_the_corrupt_line(tmp_path):
 def test_non_numeric_metric_is_an_error_naming_the_key(tmp_path):
     with _tracker(tmp_path, mode="disabled") as t, pytest.raises(TypeError, match="'reward/mean'"):
         t.log(0, {"reward/mean": "high"})
-
-
-def test_rollout_speedup():
-    assert rollout_speedup(300.0, 200.0) == 1.5
-    with pytest.raises(ValueError, match="BF16 baseline"):
-        rollout_speedup(300.0, 0.0)
 
 
 def test_tracking_config_rejects_bad_values():

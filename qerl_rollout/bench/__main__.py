@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"requant": "qerl_rollout.bench.requant", "sync": "qerl_rollout.bench.sync"}
+BENCHMARKS = {"requant": "qerl_rollout.bench.requant", "sync": "qerl_rollout.bench.sync",
+              "rollout": "qerl_rollout.bench.rollout"}
 
 
 def main(argv: list[str]) -> int:

@@ -48,57 +48,27 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import hashlib
 import json
 import os
-import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from qerl_rollout.bench.models import DEFAULT_MODELS_DIR, MODELS, environment, model_dir
 from qerl_rollout.config import QUANT_SCHEMES, QuantConfig
 
-MODELS = {
-    "tiny": {},
-    "moe_1gb": {"hidden_size": 1024, "num_hidden_layers": 10, "num_attention_heads": 16,
-                "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 512,
-                "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 4},
-}
+SYNC_MODELS = ("tiny", "moe_1gb")
 QUICK_SCHEMES = ("bf16", "fp8_block")
-WIRE_TARGET = {"fp8_block": 0.53, "fp8_channel": 0.53, "nvfp4": 0.30}
+WIRE_TARGET = {"fp8_block": 0.53, "fp8_channel": 0.53, "int8": 0.53, "nvfp4": 0.30}
 DELTA_TARGET = 0.10          # delta push / full push, time and bytes
 RESTART_TARGET = 10.0        # restart seconds / full push seconds
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT = [[5, 6, 7, 8]]
 DEFAULT_OUT = Path("bench/results/sync.json")
-DEFAULT_MODELS_DIR = Path.home() / ".cache" / "qerl_rollout" / "bench_models"
 
 
 # -- models ---------------------------------------------------------------------------------
-def model_dir(name: str, root: Path) -> Path:
-    """The cached checkpoint of MODELS[name], built (atomically) on first use."""
-    from qerl_rollout.tiny import build_tiny_model
-
-    overrides = MODELS[name]
-    key = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
-    out = root / f"qwen3_moe-{name}-{key}"
-    if (out / "qerl_tiny.json").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{out.name}-"))
-    t0 = time.perf_counter()
-    build_tiny_model("qwen3_moe", tmp, seed=0, **overrides)
-    try:
-        tmp.rename(out)
-    except OSError:                 # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"built {out} in {time.perf_counter() - t0:.1f} s", flush=True)
-    return out
-
-
 def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -283,12 +253,6 @@ def print_phases(rows: list[dict]) -> None:
         print(f"{r['model']:<8} {r['scheme']:<11} | " + " | ".join(cells))
 
 
-def environment() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
 # -- entry point ----------------------------------------------------------------------------
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m qerl_rollout.bench sync",
@@ -297,7 +261,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny model only, schemes {QUICK_SCHEMES} (under a minute)")
     parser.add_argument("--schemes", nargs="+", choices=QUANT_SCHEMES, help="default: all")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all")
+    parser.add_argument("--models", nargs="+", choices=list(SYNC_MODELS), help="default: all")
     parser.add_argument("--full-repeats", type=int, default=2, help="full pushes per scheme")
     parser.add_argument("--delta-repeats", type=int, default=3, help="delta pushes per scheme")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
@@ -312,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     schemes = args.schemes or (QUICK_SCHEMES if args.quick else QUANT_SCHEMES)
-    models = args.models or (["tiny"] if args.quick else list(MODELS))
+    models = args.models or (["tiny"] if args.quick else list(SYNC_MODELS))
     t0 = time.perf_counter()
     repeats = (args.full_repeats, args.delta_repeats)
     warm_up_s = warm_up(args.models_dir)

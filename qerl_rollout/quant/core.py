@@ -18,6 +18,7 @@ and activation scales (vLLM computes them dynamically for these schemes).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from qerl_rollout.quant.formats import get_scheme
 from qerl_rollout.quant.kernels.triton_kernels import quantize_triton, triton_available
 
+log = logging.getLogger(__name__)
+_TRITON_VERIFIED: dict[tuple[str, str], bool] = {}
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -71,9 +74,39 @@ def quantize(w: torch.Tensor, scheme: str, global_amax: torch.Tensor | None = No
     _validate(w, global_amax)
     w_3d = w if w.ndim == 3 else w[None]
     impl.check_shape(tuple(w_3d.shape))
-    if triton_available(w):   # CUDA bf16: one Triton launch, the same bytes (kernels/triton_*.py)
+    if triton_available(w) and _triton_verified(w_3d, scheme, global_amax):
+        # CUDA bf16: one Triton launch, the same bytes as the twin (kernels/triton_*.py)
         return QuantizedWeight(scheme, tuple(w.shape), w.dtype, quantize_triton(w.detach(), scheme, global_amax))
     tensors = impl.quantize(w_3d.detach(), global_amax)
     if w.ndim == 2:
         tensors = {k: v[0] for k, v in tensors.items()}
     return QuantizedWeight(scheme, tuple(w.shape), w.dtype, tensors)
+
+
+def _triton_verified(w_3d: torch.Tensor, scheme: str, global_amax: torch.Tensor | None) -> bool:
+    """Whether the Triton kernel for `scheme` gave the torch twin's bytes on this device.
+
+    Checked once per (scheme, device), on the first expert's first 256 rows of the first
+    weight that reaches it (the twin runs on the same device: `kernels` falls back to the
+    plain torch code for CUDA tensors). A mismatch, or a kernel that fails to compile, is
+    logged once and that scheme stays on the twin for the rest of the process: never serve
+    bytes no test has seen on this hardware.
+    """
+    key = (scheme, str(w_3d.device))
+    if key not in _TRITON_VERIFIED:
+        probe = w_3d[:1, :256].detach().contiguous()
+        ga = None if global_amax is None else global_amax.reshape(-1)[:1]
+        try:
+            got = quantize_triton(probe, scheme, ga)
+            want = get_scheme(scheme).quantize(probe, ga)
+            same = got.keys() == want.keys() and all(
+                got[k].shape == want[k].shape
+                and torch.equal(got[k].contiguous().view(torch.uint8), want[k].contiguous().view(torch.uint8))
+                for k in want)
+            why = "its bytes differ from the torch twin's"
+        except Exception as e:   # a compile or launch failure: the twin still works
+            same, why = False, f"it failed: {type(e).__name__}: {e}"
+        if not same:
+            log.warning("qerl_rollout.quant: Triton %s kernel not used on %s: %s", scheme, key[1], why)
+        _TRITON_VERIFIED[key] = same
+    return _TRITON_VERIFIED[key]

@@ -107,6 +107,22 @@ def mismatch_metrics(
     }
 
 
+def quantization_cost(logp_quant: list[list[float]], logp_bf16: list[list[float]]) -> dict[str, float]:
+    """What quantization costs, on tokens a quantized engine sampled at temperature 1 and a BF16
+    engine with the same weights scored: KL(pi_quant || pi_bf16) by k1 (unbiased: the tokens are
+    drawn from pi_quant) and k3, and the mean / max |logp_quant - logp_bf16| per token."""
+    if len(logp_quant) != len(logp_bf16) or any(len(a) != len(b) for a, b in zip(logp_quant, logp_bf16)):
+        raise ValueError("logp_quant and logp_bf16 must hold the same tokens")
+    quant = torch.tensor([x for row in logp_quant for x in row], dtype=torch.float64)
+    bf16 = torch.tensor([x for row in logp_bf16 for x in row], dtype=torch.float64)
+    if quant.numel() == 0:
+        raise ValueError("no tokens to compare")
+    gap = (quant - bf16).abs()
+    return {"kl_k1": kl_penalty(quant, bf16, "k1").mean().item(),
+            "kl_k3": kl_penalty(quant, bf16, "k3").mean().item(),
+            "logp_gap_mean": gap.mean().item(), "logp_gap_max": gap.max().item()}
+
+
 def weight_metrics(weights: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor, cap: float):
     """Mean/max of the weights, fraction truncated at `cap`, ESS over the mask's tokens."""
     on = mask.bool()

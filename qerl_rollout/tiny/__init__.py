@@ -8,9 +8,10 @@ supported architectures from a small config with seeded random weights and write
 
 Sizes are just large enough that vLLM's CPU backend accepts them: hidden 256, head_dim 64,
 expert intermediate 128, two or three layers. The checkpoints are deterministic for a given
-(family, seed), so a cache keyed on those is safe.
+(family, seed), so a cache keyed on those is safe. `SIZES` names larger Qwen3-MoE shapes
+(`moe_430m`, `moe_1gb`) for benchmarks and the CPU int8 run.
 """
 
-from qerl_rollout.tiny.models import FAMILIES, build_tiny_model, build_tokenizer, tiny_config
+from qerl_rollout.tiny.models import FAMILIES, SIZES, build_tiny_model, build_tokenizer, tiny_config
 
-__all__ = ["FAMILIES", "build_tiny_model", "build_tokenizer", "tiny_config"]
+__all__ = ["FAMILIES", "SIZES", "build_tiny_model", "build_tokenizer", "tiny_config"]

@@ -17,6 +17,16 @@ CHATML_TEMPLATE = (
 )
 _CORPUS_FILES = ("corpus_prose.txt", "corpus_math.txt")
 
+# Larger Qwen3-MoE shapes (overrides of the `qwen3_moe` family) for benchmarks and the CPU
+# int8 run: 0.43B / 0.53B parameters with the experts holding 95% of them.
+_MID_MOE = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                intermediate_size=512, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4)
+SIZES = {
+    "tiny": {},
+    "moe_430m": {**_MID_MOE, "num_hidden_layers": 8},
+    "moe_1gb": {**_MID_MOE, "num_hidden_layers": 10},
+}
+
 # Shared by every family: small enough for a 2-core CPU, large enough for vLLM's CPU kernels.
 _COMMON = dict(
     vocab_size=VOCAB_SIZE,

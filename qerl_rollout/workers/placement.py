@@ -2,7 +2,7 @@
 
 `RayRollout` starts (or joins) a Ray cluster, creates a `RolloutWorker` actor with the
 engine inside it, and offers what the controller needs from any rollout placement:
-`generate(...) -> list[Sample]`, `receiver` (the `WeightReceiver` a `WeightSync` pushes
+`generate(...) -> list[Sample]`, `score(prompts, responses)`, `receiver` (the `WeightReceiver` a `WeightSync` pushes
 into; here through the object store) and `close()`. The in-process twin is
 `train.LocalRollout`. Left out: several rollout actors (data-parallel engines) and GPU
 colocation of trainer and engine (`sleep`/`wake_up` between phases); both go here.
@@ -39,6 +39,10 @@ class RayRollout:
 
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
         return ray.get(self.worker.generate.remote(prompt_token_ids, **sampling))
+
+    def score(self, prompt_token_ids: list[list[int]],
+              response_token_ids: list[list[int]]) -> list[list[float]]:
+        return ray.get(self.worker.score.remote(prompt_token_ids, response_token_ids))
 
     def close(self) -> None:
         if self.worker is not None:

@@ -90,3 +90,16 @@ def test_fast_path_rejects_non_finite(bad, dtype):
         cpu.absmax(w)
     with pytest.raises(ValueError, match="NaN or Inf"):
         cpu.nvfp4(w, torch.ones(2))
+
+
+def test_self_test_passes_here_and_catches_a_wrong_kernel(monkeypatch):
+    assert cpu._self_test() == []
+    real = cpu.int8
+
+    def off_by_one(w, eps):
+        q, scale = real(w, eps)
+        q.view(-1)[0] += 1
+        return q, scale
+
+    monkeypatch.setattr(cpu, "int8", off_by_one)
+    assert cpu._self_test() == ["int8 torch.bfloat16", "int8 torch.float16"]

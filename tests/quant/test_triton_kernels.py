@@ -61,7 +61,7 @@ numerics, _, _ = _interpreted_modules()
 from qerl_rollout.quant.kernels import triton_kernels as tk
 from qerl_rollout.quant.kernels.ct_oracle import ct_compress
 
-SCHEMES = ["fp8_block", "fp8_channel", "nvfp4"]
+SCHEMES = ["fp8_block", "fp8_channel", "int8", "nvfp4"]
 BF16 = torch.bfloat16
 
 
@@ -204,7 +204,7 @@ def _assert_same_bytes(got: dict, want: dict):
 
 
 # not multiples of the 128-block / of the kernels' tiles; fp8_channel spans 3 K-chunks of 512
-SHAPES = {"fp8_block": (200, 300), "fp8_channel": (24, 1100), "nvfp4": (40, 272)}
+SHAPES = {"fp8_block": (200, 300), "fp8_channel": (24, 1100), "int8": (24, 1100), "nvfp4": (40, 272)}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -244,7 +244,7 @@ def test_all_zero_weight():
 
 def test_non_contiguous_weight_view():
     w = _weight((130, 96), seed=5).t()  # (96, 130) transposed view
-    for scheme in ("fp8_block", "fp8_channel"):
+    for scheme in ("fp8_block", "fp8_channel", "int8"):
         _assert_same_bytes(tk.quantize_triton(w, scheme), _ct_stacked(w.contiguous(), scheme))
 
 
@@ -300,6 +300,17 @@ def test_merge_with_wrong_scaling_is_detected():
 
 # --- API edges --------------------------------------------------------------------------
 
+def test_int8_rint_ties_and_clamp():
+    # Rows whose amax is 127.5 have scale 1.0, so w / scale == w and only the integer rounding
+    # (ties to even) and the clamp decide; the INT8_GOLDEN row of test_golden.py, in a kernel.
+    row = [127.5, 0.5, 1.5, 2.5, -0.5, -1.5, -127.5, 0.0] + [0.0] * 8
+    w = torch.tensor([row, [0.0] * 16], dtype=BF16)
+    got = tk.quantize_triton(w, "int8")
+    assert got["weight"][0, :8].tolist() == [127, 0, 2, 2, 0, -2, -128, 0]
+    assert got["weight_scale"].flatten().tolist() == [1.0, 2.0**-7]
+    _assert_same_bytes(got, _ct_stacked(w, "int8"))
+
+
 def test_triton_available_only_for_cuda_bf16():
     assert not tk.triton_available(torch.zeros(4, 4, dtype=BF16))
 
@@ -332,3 +343,26 @@ def test_matches_quantization_core():
     w = _weight((2, 24, 64), seed=16)
     _assert_same_bytes(tk.quantize_triton(w, "nvfp4", global_amax=amax),
                        core.quantize(w, "nvfp4", global_amax=amax).compressed())
+
+
+def test_a_kernel_is_verified_once_against_the_twin_and_dropped_on_mismatch(monkeypatch, caplog):
+    import logging
+
+    import qerl_rollout.quant.core as core
+
+    monkeypatch.setattr(core, "_TRITON_VERIFIED", {})
+    w = _weight((2, 300, 160), seed=21)
+    assert core._triton_verified(w, "int8", None) is True          # the real kernel agrees
+
+    def one_byte_off(*args, **kwargs):
+        out = tk.quantize_triton(*args, **kwargs)
+        out["weight"].view(torch.uint8).view(-1)[3] ^= 1
+        return out
+
+    monkeypatch.setattr(core, "quantize_triton", one_byte_off)
+    with caplog.at_level(logging.WARNING, logger="qerl_rollout.quant.core"):
+        assert core._triton_verified(w, "fp8_channel", None) is False
+        assert core._triton_verified(w, "fp8_channel", None) is False   # cached: one warning
+    assert [r.getMessage() for r in caplog.records].count(
+        "qerl_rollout.quant: Triton fp8_channel kernel not used on cpu: its bytes differ from the torch twin's") == 1
+    assert core._TRITON_VERIFIED == {("int8", "cpu"): True, ("fp8_channel", "cpu"): False}

@@ -9,9 +9,10 @@ here with torch, using torch's thread count. A plain C ABI (no torch headers, no
 the build to about a second.
 
 What it leaves out: anything but contiguous CPU bf16/fp16 input (callers fall back to the
-reference twin), and GPUs (Triton kernels live elsewhere). If g++ is missing or the build
-fails, `available()` is False and the caller uses the reference twin; set
-`QERL_QUANT_KERNEL=reference` to force that.
+reference twin), and GPUs (Triton kernels live elsewhere). If g++ is missing, the build fails,
+or the built kernels disagree with the twin on a probe (`_self_test`, run once at first use),
+`available()` is False and the caller uses the reference twin; set `QERL_QUANT_KERNEL=reference`
+to force that.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _build() -> Path:
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
+    """The built library, loaded (not yet checked: `available()` also runs the self-test)."""
     if os.environ.get("QERL_QUANT_KERNEL") == "reference":
         return None
     try:
@@ -115,8 +117,55 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+@lru_cache(maxsize=1)
 def available() -> bool:
-    return _lib() is not None
+    """The library built and its every kernel gave the torch twin's bytes on a probe."""
+    if _lib() is None:
+        return False
+    bad = _self_test()
+    if bad:
+        log.warning("qerl_rollout.quant: the C++ kernels differ from the torch twin (%s) on this "
+                    "machine; using the twin", ", ".join(bad))
+    return not bad
+
+
+def _self_test() -> list[str]:
+    """Names of the kernels whose output differs from `reference` on a fixed probe.
+
+    The probe covers partial 128-blocks, NVFP4 groups and every bf16/fp16 bit class (random
+    16-bit patterns with the non-finite ones zeroed), so a miscompiled build (another g++, an
+    -march the machine lies about) is caught once, at first use, instead of serving wrong bytes.
+    """
+    from qerl_rollout.quant.kernels import reference
+
+    bad = []
+    for dtype in (torch.bfloat16, torch.float16):
+        g = torch.Generator().manual_seed(0)
+        bits = torch.randint(-(2**15), 2**15, (2, 33, 272), generator=g, dtype=torch.int32)
+        w = bits.to(torch.int16).view(dtype)
+        w = torch.where(torch.isfinite(w), w, torch.zeros((), dtype=dtype))
+        eps = reference.fp8_scale_eps(dtype)
+        gs = reference.nvfp4_global_scale(reference.absmax(w))
+        pairs = {
+            "absmax": (absmax(w), reference.absmax(w)),
+            "fp8": (fp8(w, (128, 128), eps), reference.fp8(w, (128, 128))),
+            "fp8_row": (fp8(w, (1, 272), eps), reference.fp8(w, (1, 272))),
+            "int8": (int8(w, eps), reference.int8(w)),
+            "nvfp4": (nvfp4(w, gs), reference.nvfp4(w, gs)),
+        }
+        q, scale = reference.int8(w)
+        pairs["int8_dequantize"] = (int8_dequantize(q, scale), reference.int8_dequantize(q, scale))
+        q, scale = reference.fp8(w, (128, 128))
+        pairs["fp8_dequantize"] = (fp8_dequantize(q, scale, (128, 128)),
+                                   reference.fp8_dequantize(q, scale, (128, 128)))
+        bad += [f"{name} {dtype}" for name, (fast, twin) in pairs.items() if not _same(fast, twin)]
+    return bad
+
+
+def _same(a, b) -> bool:
+    a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+    return all(x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+               for x, y in zip(a, b))
 
 
 def supports(w: torch.Tensor) -> bool:

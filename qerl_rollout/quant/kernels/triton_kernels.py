@@ -26,9 +26,9 @@ summation order changes the last fp32 bit of delta and that bit decides a bf16 r
 no two BLAS libraries, nor a tensor-core tile, promise the same one. One adapter per call;
 several adapters with different scalings need several calls or a pre-summed delta.
 
-Passes: fp8_block reads W once; fp8_channel reads each row twice (amax, then quantize);
+Passes: fp8_block reads W once; fp8_channel and int8 read each row twice (amax, then quantize);
 nvfp4 reads W twice (amax pass, quantize pass) unless `global_amax` is given, then once.
-The details of each kernel are in triton_fp8.py and triton_nvfp4.py, the rounding
+The details of each kernel are in triton_fp8.py, triton_int8.py and triton_nvfp4.py, the rounding
 helpers in triton_numerics.py. Tile sizes and warp counts are untuned first guesses: no GPU
 has run these kernels yet (bench/gpu_requant.py measures them).
 
@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import torch
 
-FP8_ZERO_SCALE = float(torch.finfo(torch.bfloat16).eps)  # compressed-tensors' eps for bf16 scales
+FP8_ZERO_SCALE = float(torch.finfo(torch.bfloat16).eps)  # compressed-tensors' eps for bf16 scales (fp8, int8)
 FP8_BLOCK = 128
 NVFP4_GROUP = 16
-SCHEMES = ("fp8_block", "fp8_channel", "nvfp4")
+SCHEMES = ("fp8_block", "fp8_channel", "int8", "nvfp4")
 
 
 def triton_available(w: torch.Tensor) -> bool:
@@ -131,7 +131,8 @@ def _run(w, lora, scheme, global_amax) -> dict[str, torch.Tensor]:
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     if lora is None:  # placeholders: never read when HAS_LORA is False
         lora = _LoraArgs(w3, w3, 1.0, 0)
-    runner = {"fp8_block": _fp8_block, "fp8_channel": _fp8_channel, "nvfp4": _nvfp4}[name]
+    runner = {"fp8_block": _fp8_block, "fp8_channel": _fp8_channel, "int8": _int8,
+              "nvfp4": _nvfp4}[name]
     out = runner(w3, lora, global_amax) if name == "nvfp4" else runner(w3, lora)
     return out if w.dim() == 3 else {key: t.squeeze(0) for key, t in out.items()}
 
@@ -168,6 +169,18 @@ def _fp8_channel(w3, lora, block_n: int = 8, block_k: int = 512) -> dict[str, to
         w3, lora.lora_A, lora.lora_B, w_fp8, scale, *_common_args(w3, lora), FP8_ZERO_SCALE,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **_launch_opts(lora))
     return {"weight": w_fp8.view(torch.float8_e4m3fn), "weight_scale": scale}
+
+
+def _int8(w3, lora, block_n: int = 8, block_k: int = 512) -> dict[str, torch.Tensor]:
+    from qerl_rollout.quant.kernels.triton_int8 import int8_channel_kernel
+
+    E, N, K = w3.shape
+    w_int8 = torch.empty((E, N, K), dtype=torch.int8, device=w3.device)
+    scale = torch.empty((E, N, 1), dtype=torch.bfloat16, device=w3.device)
+    int8_channel_kernel[(-(-N // block_n), E)](
+        w3, lora.lora_A, lora.lora_B, w_int8, scale, *_common_args(w3, lora), FP8_ZERO_SCALE,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **_launch_opts(lora))
+    return {"weight": w_int8, "weight_scale": scale}
 
 
 def _nvfp4(w3, lora, global_amax, block_n: int = 32, block_k: int = 128

@@ -1,0 +1,65 @@
+"""BF16Baseline: inside a run, how much faster the quantized rollout is, and what it costs.
+
+How it works. The run keeps a second rollout engine serving the policy in BF16 (any placement
+with `generate`, `score` and a `receiver`), with a `WeightSync` of its own. Every
+`rollout.baseline_every` steps the controller calls `measure` right after the quantized
+rollout of the step, before the optimizer step, so both engines hold the same policy: the
+baseline is pushed the current trainer weights (a delta push since its last one), generates
+the same prompts with the same sampling arguments and seed, and scores the tokens the
+quantized engine sampled. It returns:
+
+    rollout/speedup_vs_bf16     quantized tokens/s / BF16 tokens/s on the same batch
+    rollout/bf16_tokens_per_s   the baseline's own rate
+    quant/kl_vs_bf16            KL(pi_quant || pi_bf16) per token, k1 (the tokens come from
+                                pi_quant, so k1 is unbiased); quant/kl_k3_vs_bf16 with k3
+    quant/logp_gap_mean, _max   per-token |logp_quant - logp_bf16|
+    baseline/seconds            the whole measurement (push, generate, score): kept out of the
+                                step's rollout/train/sync timings
+
+The KL needs the quantized logprobs at temperature 1 (`score` is at temperature 1), so at any
+other sampling temperature only the speedup is reported. The two engines share the machine but
+never run at once, so the ratio is the one a user would see switching schemes.
+Left out: a baseline on other hardware than the quantized engine (placement decides).
+"""
+
+from __future__ import annotations
+
+import time
+
+from qerl_rollout.rl.mismatch import quantization_cost
+from qerl_rollout.sync.weight_sync import WeightSync
+
+
+def tokens_per_s(samples, seconds: float) -> float:
+    return sum(len(s.token_ids) for s in samples) / max(seconds, 1e-9)
+
+
+class BF16Baseline:
+    def __init__(self, rollout, *, bucket_bytes: int):
+        if rollout.receiver.scheme != "bf16":
+            raise ValueError(f"the baseline engine must serve bf16, not {rollout.receiver.scheme}")
+        self.rollout = rollout
+        self.sync = WeightSync(rollout.receiver, bucket_bytes=bucket_bytes)
+
+    def measure(self, model, prompt_token_ids, samples, seconds: float, **sampling) -> dict:
+        """Metrics for one step whose quantized rollout gave `samples` in `seconds`."""
+        t0 = time.perf_counter()
+        self.sync.push(model)
+        t1 = time.perf_counter()
+        baseline = self.rollout.generate(prompt_token_ids, **sampling)
+        t2 = time.perf_counter()
+        bf16_rate = tokens_per_s(baseline, t2 - t1)
+        out = {"rollout/speedup_vs_bf16": tokens_per_s(samples, seconds) / bf16_rate,
+               "rollout/bf16_tokens_per_s": bf16_rate}
+        if sampling.get("temperature", 1.0) == 1.0 and any(s.token_ids for s in samples):
+            kept = [s for s in samples if s.token_ids]
+            ref = self.rollout.score([s.prompt_token_ids for s in kept], [s.token_ids for s in kept])
+            cost = quantization_cost([s.logprobs for s in kept], ref)
+            out.update({"quant/kl_vs_bf16": cost["kl_k1"], "quant/kl_k3_vs_bf16": cost["kl_k3"],
+                        "quant/logp_gap_mean": cost["logp_gap_mean"],
+                        "quant/logp_gap_max": cost["logp_gap_max"]})
+        out["baseline/seconds"] = time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        self.rollout.close()
