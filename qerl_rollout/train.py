@@ -77,7 +77,7 @@ def run(cfg) -> dict:
             t1 = time.perf_counter()
             measured = {}
             if baseline and step % cfg.rollout.baseline_every == 0:   # same policy, same seeds
-                measured = baseline.measure(policy.model, prompt_ids, samples, t1 - t0, **sampling)
+                measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
             t1b = time.perf_counter()
             rewards = _rewards(samples, prompts, reward_fn, tokenizer)
             batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)

@@ -105,3 +105,19 @@ def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, mon
         train.run(cfg)
     assert closed == [True]
     assert read_metrics(tmp_path / "r") == []
+
+
+def test_int8_run_logs_the_rollout_speedup_it_measured(tmp_path):
+    """The CPU int8 config (on the tiny model): kernel-mode rollouts, a BF16 baseline every 2 steps."""
+    argv = ["config=grpo_moe_cpu_int8", "model.tiny_size=tiny", f"run.output_dir={tmp_path}",
+            "tracking.run_name=r", "run.steps=2", "rollout.prompts_per_step=4",
+            "rollout.max_tokens=8", "policy.micro_batch_size=64", "tracking.wandb_mode=disabled"]
+    assert train.main(argv) == 0
+    rows = read_metrics(tmp_path / "r")
+    assert "rollout/speedup_vs_bf16" not in rows[0]              # measured every 2nd step only
+    assert rows[1]["rollout/speedup_vs_bf16"] > 0 and rows[1]["rollout/bf16_tokens_per_s"] > 0
+    # INT8 costs ~4e-4 KL on this model (tests/rollout/test_baseline.py); a stale baseline > 0.05.
+    assert 0 <= rows[1]["quant/kl_vs_bf16"] < 1e-2
+    assert rows[1]["train/seconds"] > 0 and rows[1]["baseline/seconds"] > 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["rollout/speedup_vs_bf16"] == rows[1]["rollout/speedup_vs_bf16"]
