@@ -6,7 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {"requant": "qerl_rollout.bench.requant", "sync": "qerl_rollout.bench.sync",
-              "rollout": "qerl_rollout.bench.rollout"}
+              "rollout": "qerl_rollout.bench.rollout", "gpu_requant": "qerl_rollout.bench.gpu_requant"}
 
 
 def main(argv: list[str]) -> int:

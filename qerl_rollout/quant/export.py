@@ -192,19 +192,14 @@ def quantize_unit(
         if not torch.isfinite(t).all():
             raise ExportError(f"{name} contains NaN or Inf")
     quantized = {n: t for n, t in tensors.items() if plan.for_checkpoint(n).quantized}
-    global_amax = _group_amax(list(quantized.values())) if len(quantized) > 1 else None
+    global_amax = plan.group_amax({n: t.abs().amax() for n, t in quantized.items()})
     for name, t in tensors.items():
         if name not in quantized:
             yield name, t
             continue
         module = name.removesuffix(".weight")
-        for suffix, part in quantize(t, plan.scheme, global_amax=global_amax).compressed().items():
+        for suffix, part in quantize(t, plan.scheme, global_amax=global_amax[name]).compressed().items():
             yield f"{module}.{suffix}", part
-
-
-def _group_amax(ws: list[torch.Tensor]) -> torch.Tensor:
-    """Max |w| over a fused group, in the weights' dtype (the smaller shared global scale)."""
-    return torch.stack([w.abs().amax() for w in ws]).amax()
 
 
 def _write_weights(

@@ -152,6 +152,17 @@ class QuantPlan:
         """The fused group (shared NVFP4 global scale) of a checkpoint tensor, or itself."""
         return self._group_of.get(checkpoint_name, (checkpoint_name,))
 
+    def group_amax(self, amax_by_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> the amax its NVFP4 global scale is computed from: the largest
+        amax over the members of its fused group present in `amax_by_name` (q/k/v, gate/up of
+        one expert), which gives the group the smallest of its scales, as vLLM's fused layer
+        needs. The one place both the export and the weight sync take it from."""
+        out = {}
+        for name in amax_by_name:
+            members = [amax_by_name[m] for m in self.group_of(name) if m in amax_by_name]
+            out[name] = torch.stack(members).amax()
+        return out
+
     def quantized(self) -> list[TensorDecision]:
         return [d for d in self.decisions.values() if d.quantized]
 

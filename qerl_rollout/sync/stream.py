@@ -112,15 +112,11 @@ def _amax_by_name(piece: Piece) -> dict[str, torch.Tensor]:
 
 
 def _group_amax(plan: QuantPlan, quantized: list[Piece]) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> the amax its NVFP4 global scale is computed from (max over its group)."""
+    """Checkpoint name -> the amax its NVFP4 global scale is computed from (`plan.group_amax`)."""
     amax = {}
     for p in quantized:
         amax.update(_amax_by_name(p))
-    out = {}
-    for name in amax:
-        members = [amax[m] for m in plan.group_of(name) if m in amax]
-        out[name] = torch.stack(members).amax()
-    return out
+    return plan.group_amax(amax)
 
 
 def _quantize_piece(piece: Piece, scheme: str, group_amax: dict[str, torch.Tensor] | None):

@@ -31,3 +31,16 @@ def test_quick_requant_bench_writes_every_case_and_scheme(tmp_path):
             # half the issue's 2x budget.
             outputs = 0.28125 if scheme == "nvfp4" else 0.5
             assert 0.9 * outputs <= row["peak_extra_vs_input"] < 1.0, (scheme, row)
+
+
+def test_gpu_requant_cpu_smoke_is_exact(tmp_path):
+    """The GPU benchmark's own logic on tiny shapes through Triton's interpreter: every scheme
+    is checked byte for byte against the CPU path (its timings mean nothing here)."""
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "-m", "qerl_rollout.bench", "gpu_requant", "--cpu-smoke",
+                          "--iters", "1", "--warmup", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["summary"]["all_exact"] and not data["summary"]["mismatched_rows"]
+    assert {r["scheme"] for r in data["results"]} == {"fp8_block", "fp8_channel", "int8", "nvfp4"}

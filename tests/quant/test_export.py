@@ -37,16 +37,15 @@ def _read_all(model_dir):
 
 
 def _reference_dequantized(model_dir, scheme):
-    """Our own dequantized weights, with each fused group's shared amax computed here."""
+    """Our own dequantized weights, each fused group's shared amax from `plan.group_amax`."""
     plan = build_plan_from_checkpoint(model_dir, scheme)
     src = _read_all(model_dir)
     out = {}
     for name, w in src.items():
         if not plan.for_checkpoint(name).quantized:
             continue
-        group = plan.group_of(name)
-        amax = torch.stack([src[g].abs().amax() for g in group]).amax() if len(group) > 1 else None
-        out[name] = quantize(w, scheme, global_amax=amax).dequantize()
+        group = {g: src[g].abs().amax() for g in plan.group_of(name)}
+        out[name] = quantize(w, scheme, global_amax=plan.group_amax(group)[name]).dequantize()
     return plan, src, out
 
 

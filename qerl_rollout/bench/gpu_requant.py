@@ -1,11 +1,11 @@
 """GPU requantization benchmark: the Triton kernels against a device-to-device copy.
 
-    python bench/gpu_requant.py [--iters 50] [--check-experts 4] [--out PATH]
-    python bench/gpu_requant.py --cpu-smoke      # no GPU: tiny shapes, Triton interpreter
+    python -m qerl_rollout.bench gpu_requant [--iters 50] [--check-experts 4] [--out PATH]
+    python -m qerl_rollout.bench gpu_requant --cpu-smoke   # no GPU: tiny shapes, Triton interpreter
 
-Needs torch and triton only (the repo root is put on sys.path; no install). For each case
+Needs torch and triton only: run from the repository root, nothing installed. For each case
 (a 4096x4096 matrix; Qwen3-30B-A3B's stacked experts, 128 x 768 x 2048 and 128 x 2048 x 768)
-and each scheme (fp8_block, fp8_channel, nvfp4) it
+and each scheme (fp8_block, fp8_channel, int8, nvfp4) it
 
 1. checks bit-exactness on fresh random bf16 inputs (new seed each run, printed): the CUDA
    kernel's bytes against the project's own torch path (`qerl_rollout.quant.quantize`) run
@@ -38,30 +38,28 @@ from pathlib import Path
 
 import torch  # does not import triton: TRITON_INTERPRET can still be set in main()
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 CASES = {"dense_4096x4096": (4096, 4096),
          "experts_128x768x2048": (128, 768, 2048),
          "experts_128x2048x768": (128, 2048, 768)}
 SMOKE_CASES = {"dense_160x288": (160, 288), "experts_3x96x256": (3, 96, 256)}
-SCHEMES = ("fp8_block", "fp8_channel", "nvfp4")
+SCHEMES = ("fp8_block", "fp8_channel", "int8", "nvfp4")
 LORA_RANK = 16
 LORA_SCALING = 2.0  # alpha 32 / rank 16
 TARGET_COPY_FRACTION = 0.70
 TARGET_FUSED_RATIO = 1.3
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qerl_rollout.bench gpu_requant",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=50, help="timed runs per measurement")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--check-experts", type=int, default=4,
                    help="experts of each stacked case compared with the CPU reference")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_requant.json")
+    p.add_argument("--out", type=Path, default=Path("bench/results/gpu_requant.json"))
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: run the script's logic on tiny CPU shapes via TRITON_INTERPRET")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -254,8 +252,8 @@ def load_reference():
     return quantize
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     if not args.cpu_smoke and not torch.cuda.is_available():
