@@ -5,12 +5,13 @@ with `generate`, `score` and a `receiver`), with a `WeightSync` of its own. Ever
 `rollout.baseline_every` steps the controller calls `measure` right after the quantized
 rollout of the step, before the optimizer step, so both engines hold the same policy: the
 baseline is pushed the current trainer weights (a delta push since its last one), generates
-the same prompts with the same sampling arguments and seed, and then the quantized engine
-generates them once more, timed. The ratio uses that second quantized run, not the step's own
-rollout: the step's rollout follows the optimizer step, whose memory traffic leaves the engine
-cold (measured: 0.78x on the 0.43B model where back-to-back runs gave ~1.1x), while the
-re-run and the baseline each follow a generation. Finally the BF16 engine scores the tokens
-the quantized engine sampled in the step. It returns:
+the same prompts with the same sampling arguments and seed, and the quantized engine generates
+them again: `rounds` times each, alternating (BF16, quantized, BF16, ...), and each rate is
+total tokens over total seconds. The ratio uses these re-runs, not the step's own rollout: that
+one follows the optimizer step, whose memory traffic leaves the engine cold (measured: 0.78x on
+the 0.43B model where back-to-back runs gave ~1.1x), and a single short batch on a shared
+machine swung from 0.4x to 2.3x between steps. Finally the BF16 engine scores the tokens the
+quantized engine sampled in the step. It returns:
 
     rollout/speedup_vs_bf16     quantized tokens/s / BF16 tokens/s on the same batch
     rollout/bf16_tokens_per_s   the baseline's own rate
@@ -34,27 +35,28 @@ from qerl_rollout.rl.mismatch import quantization_cost
 from qerl_rollout.sync.weight_sync import WeightSync
 
 
-def tokens_per_s(samples, seconds: float) -> float:
-    return sum(len(s.token_ids) for s in samples) / max(seconds, 1e-9)
-
-
 class BF16Baseline:
-    def __init__(self, rollout, *, bucket_bytes: int):
+    def __init__(self, rollout, *, bucket_bytes: int, rounds: int = 2):
         if rollout.receiver.scheme != "bf16":
             raise ValueError(f"the baseline engine must serve bf16, not {rollout.receiver.scheme}")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.rollout = rollout
+        self.rounds = rounds
         self.sync = WeightSync(rollout.receiver, bucket_bytes=bucket_bytes)
 
     def measure(self, model, rollout, prompt_token_ids, samples, **sampling) -> dict:
         """Metrics for one step whose quantized `rollout` sampled `samples` from these prompts."""
         t0 = time.perf_counter()
         self.sync.push(model)
-        t1 = time.perf_counter()
-        bf16_rate = tokens_per_s(self.rollout.generate(prompt_token_ids, **sampling),
-                                 time.perf_counter() - t1)
-        t2 = time.perf_counter()
-        quant_rate = tokens_per_s(rollout.generate(prompt_token_ids, **sampling),
-                                  time.perf_counter() - t2)
+        totals = {"bf16": [0, 0.0], "quant": [0, 0.0]}    # tokens, seconds
+        for _ in range(self.rounds):
+            for key, engine in (("bf16", self.rollout), ("quant", rollout)):
+                t = time.perf_counter()
+                generated = engine.generate(prompt_token_ids, **sampling)
+                totals[key][0] += sum(len(s.token_ids) for s in generated)
+                totals[key][1] += time.perf_counter() - t
+        bf16_rate, quant_rate = (tokens / max(seconds, 1e-9) for tokens, seconds in totals.values())
         out = {"rollout/speedup_vs_bf16": quant_rate / bf16_rate,
                "rollout/bf16_tokens_per_s": bf16_rate}
         if sampling.get("temperature", 1.0) == 1.0 and any(s.token_ids for s in samples):

@@ -30,7 +30,9 @@ Passes: fp8_block reads W once; fp8_channel and int8 read each row twice (amax, 
 nvfp4 reads W twice (amax pass, quantize pass) unless `global_amax` is given, then once.
 The details of each kernel are in triton_fp8.py, triton_int8.py and triton_nvfp4.py, the rounding
 helpers in triton_numerics.py. Tile sizes and warp counts are untuned first guesses: no GPU
-has run these kernels yet (bench/gpu_requant.py measures them).
+has run these kernels yet (`python -m qerl_rollout.bench gpu_requant` measures them).
+`quant.core.quantize` checks each kernel against the torch twin on its first call per device
+and falls back to the twin on a mismatch.
 
 Scheme constants this file assumes of the quantization core: fp8 scales in bf16 with a zero
 scale replaced by `FP8_ZERO_SCALE` (compressed-tensors 0.17: finfo(bf16).eps); nvfp4 groups
