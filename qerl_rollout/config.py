@@ -168,9 +168,26 @@ class TrainConfig:
             raise ValueError(f"task.max_prompt_tokens ({self.task.max_prompt_tokens}) + rollout.max_tokens "
                              f"({self.rollout.max_tokens}) exceed rollout.max_model_len "
                              f"({self.rollout.max_model_len})")
+        self._check_policy_fields()
         if self.grpo.group_size != self.rollout.group_size:
             raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
                              f"({self.rollout.group_size}): advantages are normalised per sampled group")
+
+
+    # PolicyConfig fields the run sets from other sections: one source each.
+    _POLICY_SOURCES = {"model_path": "model.path", "total_steps": "run.steps", "seed": "run.seed",
+                       "temperature": "rollout.temperature"}
+
+    def _check_policy_fields(self) -> None:
+        """A policy field the run derives may be left alone, or set to the same value."""
+        derived = {"model_path": self.model.path, "total_steps": self.run.steps,
+                   "seed": self.run.seed, "temperature": self.rollout.temperature}
+        default = PolicyConfig()
+        for field_name, source in self._POLICY_SOURCES.items():
+            given = getattr(self.policy, field_name)
+            if given != getattr(default, field_name) and given != derived[field_name]:
+                raise ValueError(f"policy.{field_name}={given!r} contradicts {source}="
+                                 f"{derived[field_name]!r}; set {source} only")
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -197,7 +214,7 @@ def load_config(argv: list[str]) -> TrainConfig:
     that; unknown keys and values of the wrong type are errors that name the key.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     overrides = [a for a in argv if not a.startswith("config=")]
     bad = [a for a in overrides if "=" not in a]
@@ -209,8 +226,30 @@ def load_config(argv: list[str]) -> TrainConfig:
         layers = [OmegaConf.load(config_path(n)) for n in names[-1:]]
         merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ValueError(_unknown_key_message(e.full_key, schema)) from None
     except OmegaConfBaseException as e:
-        raise ValueError(f"bad config: {e}") from None
+        first = str(e).splitlines()[0]
+        where = f" ({e.full_key})" if getattr(e, "full_key", None) else ""
+        raise ValueError(f"bad config{where}: {first}") from None
+
+
+def _unknown_key_message(key: str, schema) -> str:
+    """One line: the unknown key and the closest valid ones."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(schema)
+    section = key.split(".", 1)[0]
+    if section not in tree:          # a misspelt section: suggest sections
+        valid = list(tree)
+        key = section
+    else:
+        valid = [f"{section}.{k}" for k in tree[section]]
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint}"
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -59,7 +59,8 @@ def run(cfg) -> dict:
     run_dir = _run_dir(cfg)
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn = _task(cfg, model_dir)
-    policy = Policy(_policy_config(cfg, model_dir), cfg.grpo, cfg.mismatch)
+    grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or cfg.rollout.max_tokens)
+    policy = Policy(_policy_config(cfg, model_dir), grpo, cfg.mismatch)
     stop = [tokenizer.eos_token_id]
     with ExitStack() as resources:
         rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir)))
@@ -72,7 +73,7 @@ def run(cfg) -> dict:
             prompt_ids = [p.prompt_ids for p in prompts]
             sampling = dict(n=cfg.rollout.group_size, max_tokens=cfg.rollout.max_tokens,
                             stop_token_ids=stop, temperature=cfg.rollout.temperature,
-                            seed=cfg.run.seed * 100_003 + step)
+                            seed=_step_seed(cfg, step))
             samples = rollout.generate(prompt_ids, **sampling)
             t1 = time.perf_counter()
             measured = {}
@@ -89,7 +90,7 @@ def run(cfg) -> dict:
             report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
             logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
             logged.update(measured)
-            if cfg.run.router_stats_every and step % cfg.run.router_stats_every == 0:
+            if _router_stats_due(cfg, step):
                 logged.update(_router_metrics(cfg, policy, samples[0]))
             tracker.log(step, logged)
             _print_step(step, cfg.run.steps, logged)
@@ -209,6 +210,20 @@ def _rewards(samples, prompts, reward_fn, tokenizer):
                         tokenizer.decode(s.token_ids, skip_special_tokens=True),
                         prompts[s.prompt_index].answer))
         for s in samples])
+
+
+def _step_seed(cfg, step: int) -> int:
+    """vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so step seeds
+    are `group_size` apart: no sample stream is ever reused by a later step (a stride of 1 gave
+    sample k of step s the stream of sample k + 1 of step s - 1). Runs with different
+    `run.seed` are 1_000_003 steps' worth of streams apart."""
+    return (cfg.run.seed * 1_000_003 + step) * cfg.rollout.group_size
+
+
+def _router_stats_due(cfg, step: int) -> bool:
+    """Router agreement compares BF16 with the quantized copy: nothing to compare under bf16."""
+    every = cfg.run.router_stats_every
+    return bool(every) and step % every == 0 and cfg.rollout.scheme != "bf16"
 
 
 def _aqn(cfg, next_step: int):

@@ -121,3 +121,42 @@ def test_int8_run_logs_the_rollout_speedup_it_measured(tmp_path):
     assert rows[1]["train/seconds"] > 0 and rows[1]["baseline/seconds"] > 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["rollout/speedup_vs_bf16"] == rows[1]["rollout/speedup_vs_bf16"]
+
+
+def test_config_errors_name_the_keys():
+    with pytest.raises(ValueError) as err:
+        load_config(["policy.lora_rnak=2"])
+    assert str(err.value) == ("unknown config key 'policy.lora_rnak'; did you mean policy.lora_rank "
+                              "or policy.lora_alpha or policy.lora_dropout?")
+    with pytest.raises(ValueError, match="^unknown config key 'rolout'; did you mean rollout\\?$"):
+        load_config(["rolout.scheme=int8"])
+    with pytest.raises(ValueError, match="policy.temperature=0.5 contradicts rollout.temperature=1.0"):
+        load_config(["policy.temperature=0.5"])
+    with pytest.raises(ValueError, match="policy.total_steps=7 contradicts run.steps=40"):
+        load_config(["policy.total_steps=7"])
+    assert load_config(["policy.seed=3", "run.seed=3"]).policy.seed == 3     # the same value is fine
+
+
+def test_step_seeds_never_reuse_a_sample_stream():
+    cfg = load_config([])
+    n = cfg.rollout.group_size
+    streams = [train._step_seed(cfg, step) + i for step in range(1, 200) for i in range(n)]
+    assert len(streams) == len(set(streams))
+    other = load_config(["run.seed=1"])
+    assert not set(streams) & {train._step_seed(other, s) + i for s in range(1, 200) for i in range(n)}
+
+
+@pytest.mark.parametrize("overrides", [["mismatch.level=none"], ["rollout.scheme=bf16"]],
+                         ids=["no-mismatch-correction", "bf16"])
+def test_runs_that_used_to_crash(tmp_path, overrides):
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2",
+            "run.router_stats_every=1", "rollout.prompts_per_step=2", "tracking.wandb_mode=disabled",
+            *overrides]
+    assert train.main(argv) == 0
+    rows = read_metrics(tmp_path / "r")
+    assert [r["step"] for r in rows] == [1, 2]
+    if "mismatch.level=none" in overrides:
+        assert "mismatch/is_weight_mean" not in rows[1] and "mismatch/kl_k3" in rows[1]
+        assert "router/topk_agreement" in rows[1]
+    else:   # a BF16 rollout routes exactly like the policy: no agreement to measure
+        assert "router/topk_agreement" not in rows[1]

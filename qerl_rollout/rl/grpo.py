@@ -39,6 +39,9 @@ class GRPOConfig:
     clip_c: float | None = None  # dual-clip bound (>1) for negative advantages; None: off
     agg: str = "token-mean"
     kl_coef: float = 0.0  # 0: no reference forward pass at all
+    # Dr.GRPO's constant ("seq-mean-token-sum-norm"): the generation budget, not the batch's
+    # padded length, which changes from step to step. 0: the trainer's max_tokens (train.py).
+    horizon: int = 0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
 
@@ -47,6 +50,8 @@ class GRPOConfig:
             raise ValueError(f"agg={self.agg!r}; choose from {AGG_MODES}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose from {KL_ESTIMATORS}")
+        if self.horizon < 0:
+            raise ValueError(f"horizon must be >= 0 (0: max_tokens), got {self.horizon}")
 
 
 def group_advantages(

@@ -286,6 +286,7 @@ class Policy:
         denominators = {  # clamped: a batch the rejection emptied gives a zero gradient, not NaN
             "num_tokens": mask.sum().clamp(min=1),
             "num_seqs": (mask.sum(-1) > 0).sum().clamp(min=1),
+            "horizon": self.grpo.horizon or None,   # None: this batch's padded length
         }
         want_entropy = self.grpo.entropy_coef > 0
         logp_new, entropies, loss_total = [], [], 0.0

@@ -207,6 +207,23 @@ def _export_key(model_dir: Path, scheme: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+DEFAULT_MAX_MODEL_LEN = 1024
+
+
+def _max_model_len(model_dir: Path, requested: int | None) -> int:
+    import json
+
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json")
+    limit = json.loads(config_file.read_text()).get("max_position_embeddings")
+    if requested is None:
+        return min(limit, DEFAULT_MAX_MODEL_LEN) if limit else DEFAULT_MAX_MODEL_LEN
+    if limit and requested > limit:
+        raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings={limit}")
+    return requested
+
+
 def _uses_mla(model_dir: Path) -> bool:
     """Whether the model has MLA attention (DeepSeek-V2/V3: a `kv_lora_rank`).
 
@@ -267,14 +284,18 @@ class RolloutEngine:
     """vLLM `LLM` in-process behind a small versioned interface (see module docstring)."""
 
     def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
-                 seed: int = 0, max_model_len: int = 1024, export_dir: str | Path | None = None,
-                 **engine_options):
+                 seed: int = 0, max_model_len: int | None = None,
+                 export_dir: str | Path | None = None, **engine_options):
+        """`max_model_len` (prompt + generated tokens) defaults to the model's
+        `max_position_embeddings`, capped at DEFAULT_MAX_MODEL_LEN (the KV cache is sized by
+        it); a value above the model's own limit is refused here rather than deep in vLLM."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         enable_cpu_amx()
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self.model_dir = Path(model_dir)
+        max_model_len = _max_model_len(self.model_dir, max_model_len)
         self.quant = quant or QuantConfig()
         self.scheme = self.quant.scheme
         self.mode = resolve_mode(self.quant)

@@ -185,3 +185,14 @@ def test_norm_noise_does_not_outlive_the_push_that_asked_for_it(engine, tiny_qwe
     assert restored.tensors_sent > 0
     assert engine.score(PROMPTS, RESPONSES) == clean
     assert sync.push(policy).tensors_sent == 0   # and then nothing is pending
+
+
+def test_max_model_len_follows_the_model(tmp_path):
+    from qerl_rollout.tiny import build_tiny_model
+
+    model_dir = build_tiny_model("qwen3_moe", tmp_path / "short", max_position_embeddings=512)
+    with pytest.raises(ValueError, match="max_model_len=2048 exceeds the model's max_position_embeddings=512"):
+        RolloutEngine(model_dir, QuantConfig("bf16"), max_model_len=2048)
+    engine = RolloutEngine(model_dir, QuantConfig("bf16"))   # 512, not the 1024 default
+    assert engine.llm.llm_engine.model_config.max_model_len == 512
+    engine.close()
