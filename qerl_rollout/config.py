@@ -137,7 +137,9 @@ class RunConfig:
     steps: int = 40
     seed: int = 0
     output_dir: str = "runs"
-    save_every: int = 0            # save the LoRA adapter every N steps (0: only at the end)
+    save_every: int = 0            # checkpoint (qerl_rollout.checkpoint) every N steps; always at the end
+    keep_checkpoints: int = 2      # the newest K checkpoints are kept
+    resume: bool = False           # continue tracking.run_name's run from its newest checkpoint
     # Every N steps, compare the experts the BF16 policy and its quantized copy route the first
     # sample's tokens to (router/topk_agreement). Builds a second model: small models only.
     router_stats_every: int = 0
@@ -145,6 +147,9 @@ class RunConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"run.save_every must be >= 0 and run.keep_checkpoints >= 1, got "
+                             f"{self.save_every} and {self.keep_checkpoints}")
 
 
 @dataclass
@@ -169,6 +174,8 @@ class TrainConfig:
                              f"({self.rollout.max_tokens}) exceed rollout.max_model_len "
                              f"({self.rollout.max_model_len})")
         self._check_policy_fields()
+        if self.run.resume and not self.tracking.run_name:
+            raise ValueError("run.resume=true needs tracking.run_name: the run to continue")
         if self.grpo.group_size != self.rollout.group_size:
             raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
                              f"({self.rollout.group_size}): advantages are normalised per sampled group")

@@ -42,8 +42,9 @@ Metric names (`group/name`, so wandb groups the panels):
     quant/kl_vs_bf16                 KL(pi_quant || pi_bf16) on the quantized samples; both
                                      every rollout.baseline_every steps (`rollout.baseline`)
 
-What it leaves out: plots (wandb draws them; `read_metrics` feeds local ones), artifacts and
-checkpoints (the trainer saves adapters itself), resuming a wandb run, and multi-process
+A resumed run (`resume_step`, `wandb_id`) truncates the file back to the checkpoint's step and
+resumes the same wandb run id. What it leaves out: plots (wandb draws them; `read_metrics`
+feeds local ones), artifacts and checkpoints (`qerl_rollout.checkpoint`), and multi-process
 logging (only the controller process owns a Tracker).
 """
 
@@ -87,18 +88,27 @@ def default_run_name(config: dict) -> str:
 class Tracker:
     """One run's record: `run_dir/{config.json, metrics.jsonl, summary.json}` plus wandb."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, config: dict):
+    def __init__(self, cfg: TrackingConfig, run_dir: str | Path, config: dict, *,
+                 resume_step: int | None = None, wandb_id: str | None = None):
+        """`resume_step`: continue a run after that step: metrics.jsonl keeps only the rows up
+        to it (rewritten atomically) and wandb resumes the run `wandb_id`."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(self.run_dir / "config.json", config)
         self.name = cfg.run_name or default_run_name(config)
+        if resume_step is not None:
+            truncate_metrics(self.run_dir, resume_step)
         # Open for the run's lifetime; finish() closes it.
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         self._summary: dict = {}
         self._warned_keys: set[str] = set()
         self._finished = False
-        self.run = _start_wandb(cfg, self.run_dir, self.name, config)
+        self.run = _start_wandb(cfg, self.run_dir, self.name, config, wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.run is None else self.run.id
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -192,15 +202,35 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict):
-    """A wandb run, or None (with one warning) when wandb cannot start."""
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Keep the metrics rows with step <= last_step (a torn last line is dropped too)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue   # the line a killed process was writing
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict,
+                 wandb_id: str | None = None):
+    """A wandb run (resuming `wandb_id` when given), or None (with one warning) when wandb
+    cannot start."""
     try:
         import wandb
 
         if cfg.wandb_mode == "online" and not wandb.login(prompt=False, verify=False):
             raise RuntimeError("no wandb API key (set WANDB_API_KEY or run `wandb login`)")
+        resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
         return wandb.init(project=cfg.project, name=name, mode=cfg.wandb_mode, dir=str(run_dir),
-                          config=config, tags=list(cfg.tags), reinit="create_new")
+                          config=config, tags=list(cfg.tags), reinit="create_new", **resume)
     except Exception as e:  # noqa: BLE001 - the local file is the record; wandb is best effort
         log.warning("wandb did not start (%s: %s); metrics go to %s only",
                     type(e).__name__, e, run_dir / METRICS_FILE)

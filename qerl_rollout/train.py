@@ -14,9 +14,12 @@ or `workers.placement.RayRollout` in a Ray actor) and a `WeightSync` into it, th
             -> tracker.log                   metrics.jsonl + wandb (offline by default)
 
 The run directory (`run.output_dir/<run name>`) holds the resolved config, the metrics, the
-wandb files and the LoRA adapter (saved every `run.save_every` steps and at the end).
-Left out: resuming a run from its directory, evaluation on held-out prompts, several rollout
-engines, and trainer/engine GPU colocation (sleep/wake between phases).
+wandb files, the LoRA adapter and checkpoints (`qerl_rollout.checkpoint`, every
+`run.save_every` steps, at the end and on Ctrl-C). The same command with `run.resume=true`
+continues from the newest complete checkpoint: trainer, optimizer, sampler and RNG restored,
+the engine pushed the restored weights under the checkpointed version, metrics.jsonl cut back
+to that step, the same wandb run resumed. Left out: evaluation on held-out prompts, several
+rollout engines, and trainer/engine GPU colocation (sleep/wake between phases).
 """
 
 from __future__ import annotations
@@ -57,49 +60,100 @@ def run(cfg) -> dict:
     from qerl_rollout.tracking import Tracker
 
     run_dir = _run_dir(cfg)
+    config = config_dict(cfg)
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn = _task(cfg, model_dir)
     grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or cfg.rollout.max_tokens)
     policy = Policy(_policy_config(cfg, model_dir), grpo, cfg.mismatch)
+    resumed = _resume(cfg, run_dir, config, policy, sampler)
+    done, version = (resumed.step, resumed.engine_version) if resumed else (0, 0)
     stop = [tokenizer.eos_token_id]
     with ExitStack() as resources:
         rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir)))
         baseline = _baseline(cfg, model_dir, resources)
-        tracker = resources.enter_context(Tracker(cfg.tracking, run_dir, config_dict(cfg)))
+        tracker = resources.enter_context(Tracker(
+            cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
+            wandb_id=resumed.wandb_id if resumed else None))
         sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
-        for step in range(1, cfg.run.steps + 1):
-            t0 = time.perf_counter()
-            prompts = sampler.next_batch()
-            prompt_ids = [p.prompt_ids for p in prompts]
-            sampling = dict(n=cfg.rollout.group_size, max_tokens=cfg.rollout.max_tokens,
-                            stop_token_ids=stop, temperature=cfg.rollout.temperature,
-                            seed=_step_seed(cfg, step))
-            samples = rollout.generate(prompt_ids, **sampling)
-            t1 = time.perf_counter()
-            measured = {}
-            if baseline and step % cfg.rollout.baseline_every == 0:   # same policy, same seeds
-                measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
-            t1b = time.perf_counter()
-            rewards = _rewards(samples, prompts, reward_fn, tokenizer)
-            batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
-            advantages = group_advantages(rewards, cfg.grpo.group_size,
-                                          norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
-            metrics = policy.train_step(batch, advantages, logp_rollout=logp_rollout)
-            t2 = time.perf_counter()
-            # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
-            report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
-            logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
-            logged.update(measured)
-            if _router_stats_due(cfg, step):
-                logged.update(_router_metrics(cfg, policy, samples[0]))
-            tracker.log(step, logged)
-            _print_step(step, cfg.run.steps, logged)
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                policy.save_adapter(run_dir / f"adapter-step{step}")
+        if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
+            sync.push(policy.model, norm_transform=_aqn(cfg, done), version=version)
+        try:
+            for step in range(done + 1, cfg.run.steps + 1):
+                t0 = time.perf_counter()
+                prompts = sampler.next_batch()
+                prompt_ids = [p.prompt_ids for p in prompts]
+                sampling = dict(n=cfg.rollout.group_size, max_tokens=cfg.rollout.max_tokens,
+                                stop_token_ids=stop, temperature=cfg.rollout.temperature,
+                                seed=_step_seed(cfg, step))
+                samples = rollout.generate(prompt_ids, **sampling)
+                t1 = time.perf_counter()
+                measured = {}
+                if baseline and step % cfg.rollout.baseline_every == 0:   # same policy, same seeds
+                    measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
+                t1b = time.perf_counter()
+                rewards = _rewards(samples, prompts, reward_fn, tokenizer)
+                batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
+                advantages = group_advantages(rewards, cfg.grpo.group_size,
+                                              norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
+                metrics = policy.train_step(batch, advantages, logp_rollout=logp_rollout)
+                t2 = time.perf_counter()
+                # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
+                report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
+                logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
+                logged.update(measured)
+                if _router_stats_due(cfg, step):
+                    logged.update(_router_metrics(cfg, policy, samples[0]))
+                tracker.log(step, logged)
+                _print_step(step, cfg.run.steps, logged)
+                done, version = step, report.version
+                if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
+                    _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
+        except KeyboardInterrupt:
+            if done > (resumed.step if resumed else 0):
+                path = _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
+                print(f"interrupted: step {done} is checkpointed in {path}; continue with "
+                      f"run.resume=true tracking.run_name={cfg.tracking.run_name}", file=sys.stderr)
+            raise
+        _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
         policy.save_adapter(run_dir / "adapter")
         summary = _summary(run_dir)
         tracker.summary(summary)
     return summary
+
+
+def _checkpoint(cfg, run_dir, step, version, policy, sampler, tracker, config) -> Path:
+    from qerl_rollout import checkpoint
+
+    state = checkpoint.RunState(step=step, engine_version=version, trainer=policy.state_dict(),
+                                sampler=sampler.state_dict(), rng=checkpoint.rng_state(),
+                                identity=checkpoint.identity(config), wandb_id=tracker.wandb_id)
+    return checkpoint.save(run_dir, state, policy.save_adapter, keep=cfg.run.keep_checkpoints)
+
+
+def _resume(cfg, run_dir: Path, config: dict, policy, sampler):
+    """The checkpoint a `run.resume=true` run continues from (restored into policy, sampler
+    and the RNGs), or None: not resuming, or no complete checkpoint yet (start from step 1)."""
+    if not cfg.run.resume:
+        return None
+    import json
+
+    from qerl_rollout import checkpoint
+
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        checkpoint.check_identity(checkpoint.identity(json.loads(saved.read_text())),
+                                  checkpoint.identity(config))
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        print(f"resume: no complete checkpoint in {run_dir}; starting from step 1", file=sys.stderr)
+        return None
+    state, path = found
+    checkpoint.check_identity(state.identity, checkpoint.identity(config))
+    policy.load_state_dict(state.trainer)
+    sampler.load_state_dict(state.sampler)
+    checkpoint.set_rng_state(state.rng)
+    print(f"resume: continuing after step {state.step} from {path}", file=sys.stderr)
+    return state
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -107,6 +161,10 @@ def run(cfg) -> dict:
 def _run_dir(cfg) -> Path:
     name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.run.output_dir) / name
+    if cfg.run.resume:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"run.resume=true: no run directory {run_dir} to continue")
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run directory {run_dir} exists and is not empty; "
                               "set tracking.run_name or run.output_dir")
@@ -329,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError) as e:   # run dir taken, model.path wrong, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        if not str(e).startswith("cannot resume"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130   # the run checkpointed its last completed step and said where
     print(f"reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f} "
           f"(mean of the first / last 5 steps) in {summary['steps']} steps; run in {summary['run_dir']}")
     if "rollout/speedup_vs_bf16" in summary:

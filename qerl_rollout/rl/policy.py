@@ -329,6 +329,27 @@ class Policy:
         metrics["response_tokens"] = mask.sum().item()
         return metrics
 
+    def state_dict(self) -> dict:
+        """What a run needs to continue training: LoRA tensors, optimizer, scheduler, step."""
+        lora = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"lora": lora, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; every trainable tensor must be in it, with its shape."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if params.keys() != state["lora"].keys():
+            missing = sorted(params.keys() - state["lora"].keys())
+            extra = sorted(state["lora"].keys() - params.keys())
+            raise ValueError(f"LoRA tensors differ from the checkpoint: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+
     def save_adapter(self, path: str | Path) -> None:
         """Write the LoRA adapter (peft format) to `path`."""
         self.model.save_pretrained(str(path))

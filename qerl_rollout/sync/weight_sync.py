@@ -129,11 +129,12 @@ class WeightSync:
 
     # -- public ---------------------------------------------------------------------------
     def push(self, model: nn.Module, *, full: bool = False,
-             norm_transform: NormTransform | None = None) -> SyncReport:
+             norm_transform: NormTransform | None = None, version: int | None = None) -> SyncReport:
         """Stream `model` (transformers or peft) into the engine; returns the report.
 
         `norm_transform(name, tensor) -> tensor` changes norm weights on their way to the
-        engine only (adaptive quantization noise); with it, every norm is re-sent.
+        engine only (adaptive quantization noise); with it, every norm is re-sent. `version`
+        (default: the engine's + 1) numbers the new weights, e.g. to continue a resumed run's.
         """
         clock = _Clock()
         with clock.phase("total"):
@@ -145,7 +146,9 @@ class WeightSync:
                 resend_norms = norm_transform is not None or self._norms_transformed
                 names = self._names_to_send(plan, changed, resend_norms)
                 self._preflight(model, plan, names, changed)
-            version = self.engine.version + 1
+            version = self.engine.version + 1 if version is None else version
+            if version <= self.engine.version:
+                raise PushError(f"version {version} is not newer than the served {self.engine.version}")
             try:
                 report = self._stream(model, plan, names, version, full, norm_transform, clock)
             except TransportError as e:

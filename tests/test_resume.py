@@ -1,0 +1,92 @@
+"""Checkpoint and resume: a run killed with SIGKILL continues where its last checkpoint left off.
+
+The killed run is a real subprocess of `python -m qerl_rollout.train`, killed as soon as its
+first checkpoint is complete (so somewhere in steps 3-4, possibly while writing the next one).
+Rerun with `run.resume=true`, it must finish with every step logged exactly once, and its
+metrics for the steps after the checkpoint must equal those of an uninterrupted run with the
+same seed. They are compared exactly: the trainer, optimizer, sampler and RNG states are
+restored bit for bit, the engine is pushed the restored weights (equal to a fresh load, so
+equal to the uninterrupted engine's after its delta pushes), and sampling is seeded per step.
+What legitimately differs is only what measures the machine or the push itself (times, bytes:
+the first push after a resume is a full one), which the comparison leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from qerl_rollout import checkpoint, train
+from qerl_rollout.tracking import read_metrics
+
+ARGS = ["run.steps=6", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
+        "tracking.wandb_mode=offline"]
+COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "mismatch/kl_k3",
+            "rollout/response_len", "rollout/version", "sync/version")
+
+
+def _kill_after_first_checkpoint(out, name) -> int:
+    cmd = [sys.executable, "-m", "qerl_rollout.train", f"run.output_dir={out}",
+           f"tracking.run_name={name}", *ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt_dir = out / name / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (ckpt_dir / "step-000002").is_dir():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(read_metrics(out / name))
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
+    assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=full", *ARGS]) == 0
+    full = read_metrics(tmp_path / "full")
+    logged_when_killed = _kill_after_first_checkpoint(tmp_path, "killed")
+    assert 2 <= logged_when_killed < 6
+
+    resume = [f"run.output_dir={tmp_path}", "tracking.run_name=killed", "run.resume=true", *ARGS]
+    refused = train.main([*resume, "rollout.scheme=nvfp4"])
+    assert refused == 2 and "cannot resume: rollout.scheme differs" in capsys.readouterr().err
+    assert train.main(resume) == 0
+    err = capsys.readouterr().err
+    resumed_after = int(err.split("resume: continuing after step ")[1].split()[0])
+    assert resumed_after in (2, 4)
+
+    rows = read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]          # no gap, no duplicate
+    for mine, ref in zip(rows, full):
+        assert {k: mine[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}, mine["step"]
+    assert rows[resumed_after]["sync/mb"] < rows[0]["sync/mb"]      # later pushes are deltas again
+    # wandb resumed the same run id; the checkpoints kept are the newest two.
+    run_ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "killed" / "wandb").glob("offline-run-*")}
+    assert len(run_ids) == 1
+    kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000006"]
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_corrupt_or_partial_checkpoint_is_skipped_for_the_previous_good_one(tmp_path, caplog):
+    run_dir = tmp_path / "r"
+    assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2",
+                       "run.save_every=1", "rollout.prompts_per_step=2", "run.router_stats_every=0",
+                       "tracking.wandb_mode=disabled"]) == 0
+    root = run_dir / "checkpoints"
+    good = root / "step-000002"
+    torn = root / "step-000003"                  # a newer checkpoint with a truncated trainer.pt
+    torn.mkdir()
+    (torn / "adapter").mkdir()
+    (torn / "meta.json").write_text((good / "meta.json").read_text())
+    (torn / "trainer.pt").write_bytes((good / "trainer.pt").read_bytes()[:100])
+    (root / ".step-000004.partial-x").mkdir()   # what a kill during save leaves
+    with caplog.at_level(logging.WARNING, logger="qerl_rollout.checkpoint"):
+        state, path = checkpoint.latest(run_dir)
+    assert path == good and state.step == 2 and state.engine_version == 2
+    assert any("skipping checkpoint" in r.getMessage() and "step-000003" in r.getMessage()
+               for r in caplog.records)
