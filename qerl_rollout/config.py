@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qerl_rollout.evaluation import EvalConfig
 from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
@@ -164,6 +165,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     aqn: AQNConfig = field(default_factory=AQNConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)

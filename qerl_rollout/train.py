@@ -62,7 +62,7 @@ def run(cfg) -> dict:
     run_dir = _run_dir(cfg)
     config = config_dict(cfg)
     model_dir = _model_dir(cfg, run_dir)
-    tokenizer, sampler, reward_fn = _task(cfg, model_dir)
+    tokenizer, sampler, reward_fn, eval_data = _task(cfg, model_dir)
     grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or cfg.rollout.max_tokens)
     policy = Policy(_policy_config(cfg, model_dir), grpo, cfg.mismatch)
     resumed = _resume(cfg, run_dir, config, policy, sampler)
@@ -71,6 +71,10 @@ def run(cfg) -> dict:
     with ExitStack() as resources:
         rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir)))
         baseline = _baseline(cfg, model_dir, resources)
+        if cfg.placement.mode == "local":   # after the engines start: vLLM configures its logging then
+            from qerl_rollout.rollout.engine import route_vllm_logs
+
+            route_vllm_logs(run_dir / "vllm.log")
         tracker = resources.enter_context(Tracker(
             cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
             wandb_id=resumed.wandb_id if resumed else None))
@@ -78,7 +82,7 @@ def run(cfg) -> dict:
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
             sync.push(policy.model, norm_transform=_aqn(cfg, done), version=version)
         try:
-            for step in range(done + 1, cfg.run.steps + 1):
+            for step in _progress(done, cfg.run.steps):
                 t0 = time.perf_counter()
                 prompts = sampler.next_batch()
                 prompt_ids = [p.prompt_ids for p in prompts]
@@ -88,7 +92,7 @@ def run(cfg) -> dict:
                 samples = rollout.generate(prompt_ids, **sampling)
                 t1 = time.perf_counter()
                 measured = {}
-                if baseline and step % cfg.rollout.baseline_every == 0:   # same policy, same seeds
+                if baseline and cfg.rollout.baseline_every and step % cfg.rollout.baseline_every == 0:
                     measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
                 t1b = time.perf_counter()
                 rewards = _rewards(samples, prompts, reward_fn, tokenizer)
@@ -103,6 +107,9 @@ def run(cfg) -> dict:
                 logged.update(measured)
                 if _router_stats_due(cfg, step):
                     logged.update(_router_metrics(cfg, policy, samples[0]))
+                if eval_data is not None and (step % cfg.eval.every == 0 or step == cfg.run.steps):
+                    logged.update(_eval_metrics(cfg, rollout, baseline, policy, eval_data, reward_fn,
+                                                tokenizer, stop))
                 tracker.log(step, logged)
                 _print_step(step, cfg.run.steps, logged)
                 done, version = step, report.version
@@ -117,8 +124,24 @@ def run(cfg) -> dict:
         _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
         policy.save_adapter(run_dir / "adapter")
         summary = _summary(run_dir)
+        summary["report"] = str(_report(run_dir))
         tracker.summary(summary)
     return summary
+
+
+def _progress(done: int, steps: int):
+    """Steps done+1..steps under a progress bar (on a terminal only; tqdm disables itself in
+    logs and pipes, where the one line per step is the record)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(done + 1, steps + 1), initial=done, total=steps, desc="train", unit="step",
+                disable=None, leave=False)
+
+
+def _report(run_dir: Path) -> Path:
+    from qerl_rollout.report import write_report
+
+    return write_report(run_dir)
 
 
 def _checkpoint(cfg, run_dir, step, version, policy, sampler, tracker, config) -> Path:
@@ -186,7 +209,7 @@ def _model_dir(cfg, run_dir: Path) -> Path:
 
 
 def _task(cfg, model_dir: Path):
-    """(tokenizer, prompt sampler, reward fn) for the configured task."""
+    """(tokenizer, prompt sampler, reward fn, held-out eval prompts or None) for the task."""
     from transformers import AutoTokenizer
 
     from qerl_rollout.data.prompts import PromptDataConfig, PromptDataset, PromptSampler
@@ -194,12 +217,14 @@ def _task(cfg, model_dir: Path):
     from qerl_rollout.rewards.synthetic import get_task
 
     t = cfg.task
+    train_rows = None
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     data_cfg = PromptDataConfig(path=t.path, prompt_field=t.prompt_field, answer_field=t.answer_field,
                                 max_prompt_tokens=t.max_prompt_tokens, seed=cfg.run.seed)
     if t.synthetic:
         task = get_task(t.synthetic)
         rows = task.rows(1024, seed=cfg.run.seed)
+        train_rows = rows
         if all(r.get("answer") is None for r in rows):   # e.g. `digits`: nothing to check against
             data_cfg = replace(data_cfg, answer_field=None)
         dataset = PromptDataset(rows, tokenizer, data_cfg)
@@ -209,7 +234,13 @@ def _task(cfg, model_dir: Path):
         reward = get_reward(t.reward or "math")
     else:
         raise ValueError("set task.synthetic or task.path")
-    return tokenizer, PromptSampler(dataset, cfg.rollout.prompts_per_step, seed=cfg.run.seed), reward
+    eval_data = None
+    if cfg.eval.every:
+        from qerl_rollout.evaluation import held_out_dataset
+
+        eval_data = held_out_dataset(cfg, tokenizer, data_cfg, train_rows)
+    sampler = PromptSampler(dataset, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
+    return tokenizer, sampler, reward, eval_data
 
 
 def _policy_config(cfg, model_dir: Path):
@@ -222,8 +253,10 @@ def _policy_config(cfg, model_dir: Path):
 
 
 def _baseline(cfg, model_dir: Path, resources: ExitStack):
-    """The BF16 engine that measures the speedup, or None (off, or the run is already BF16)."""
-    if not cfg.rollout.baseline_every or cfg.rollout.scheme == "bf16":
+    """The BF16 engine that measures the speedup and the accuracy gap (eval.bf16), or None
+    (neither asked for, or the run is already BF16)."""
+    wanted = cfg.rollout.baseline_every or (cfg.eval.every and cfg.eval.bf16)
+    if not wanted or cfg.rollout.scheme == "bf16":
         return None
     from qerl_rollout.rollout.baseline import BF16Baseline
 
@@ -324,6 +357,24 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
     }
 
 
+def _eval_metrics(cfg, rollout, baseline, policy, eval_data, reward_fn, tokenizer, stop) -> dict:
+    """eval/* of the policy the engine now serves (and of its BF16 twin with eval.bf16)."""
+    from qerl_rollout.evaluation import evaluate
+
+    args = dict(max_tokens=cfg.rollout.max_tokens, stop_token_ids=stop, seed=cfg.run.seed)
+    out = {f"eval/{k}": v for k, v in evaluate(rollout, eval_data, reward_fn, tokenizer,
+                                                cfg.eval, **args).items()}
+    if cfg.eval.bf16:
+        if baseline is None:       # the run itself is BF16: the gap is zero by definition
+            out["eval/reward_bf16"], out["eval/reward_gap"] = out["eval/reward"], 0.0
+            return out
+        baseline.sync.push(policy.model)
+        bf16 = evaluate(baseline.rollout, eval_data, reward_fn, tokenizer, cfg.eval, **args)
+        out["eval/reward_bf16"] = bf16["reward"]
+        out["eval/reward_gap"] = bf16["reward"] - out["eval/reward"]
+    return out
+
+
 def _router_metrics(cfg, policy, sample) -> dict:
     """Top-k expert agreement, BF16 policy vs the engine's quantized numbers, on one sample."""
     import torch
@@ -338,10 +389,19 @@ def _router_metrics(cfg, policy, sample) -> dict:
 
 
 def _print_step(step: int, steps: int, m: dict) -> None:
-    print(f"step {step}/{steps}  reward {m['reward/mean']:.3f}  loss {m['loss/policy']:+.4f}  "
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"step {step}/{steps}  reward {m['reward/mean']:.3f}  loss {m['loss/policy']:+.4f}  "
           f"mismatch_kl {m['mismatch/kl_k3']:.1e}  rollout {m['rollout/seconds']:.1f}s  "
           f"train {m['train/seconds']:.1f}s  push v{m['sync/version']} {m['sync/mb']:.2f} MB "
-          f"{m['sync/seconds']:.2f}s" + _speedup_text(m), flush=True)
+          f"{m['sync/seconds']:.2f}s" + _speedup_text(m) + _eval_text(m))
+
+
+def _eval_text(m: dict) -> str:
+    if "eval/reward" not in m:
+        return ""
+    gap = f" (bf16 {m['eval/reward_bf16']:.3f})" if "eval/reward_bf16" in m else ""
+    return f"  eval {m['eval/reward']:.3f}{gap}"
 
 
 def _speedup_text(m: dict) -> str:
@@ -359,6 +419,9 @@ def _summary(run_dir: Path) -> dict:
     window = max(1, min(5, len(rewards)))
     summary = {"steps": len(rows), "reward_first5": sum(rewards[:window]) / window,
                "reward_last5": sum(rewards[-window:]) / window, "run_dir": str(run_dir)}
+    evals = [r for r in rows if r.get("eval/reward") is not None]
+    if evals:   # the last evaluation: the final policy's
+        summary.update({k: v for k, v in evals[-1].items() if k.startswith("eval/")})
     for key in ("rollout/speedup_vs_bf16", "quant/kl_vs_bf16"):   # medians of the measured steps
         values = sorted(r[key] for r in rows if r.get(key) is not None)
         if values:
@@ -396,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130   # the run checkpointed its last completed step and said where
     print(f"reward {summary['reward_first5']:.3f} -> {summary['reward_last5']:.3f} "
           f"(mean of the first / last 5 steps) in {summary['steps']} steps; run in {summary['run_dir']}")
+    if "eval/reward" in summary:
+        print(f"held-out eval reward {summary['eval/reward']:.3f} (final policy)")
+    print(f"report: {summary['report']}")
     if "rollout/speedup_vs_bf16" in summary:
         print(f"rollout {summary['rollout/speedup_vs_bf16']:.2f}x the tokens/s of BF16 (median of the "
               f"measured steps)")

@@ -90,3 +90,16 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_for_the_previous_good_one(tm
     assert path == good and state.step == 2 and state.engine_version == 2
     assert any("skipping checkpoint" in r.getMessage() and "step-000003" in r.getMessage()
                for r in caplog.records)
+
+
+def test_report_cli(tmp_path, capsys):
+    from qerl_rollout.report import main as report_main
+
+    assert report_main([str(tmp_path / "missing")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text(
+        '{"step": 1, "reward/mean": 0.5, "rollout/seconds": 1.0}\n'
+        '{"step": 2, "reward/mean": 0.7, "rollout/seconds": 1.5, "rollout/speedup_vs_bf16": 1.2}\n')
+    assert report_main([str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, mon
                        "tracking.run_name=r", "run.steps=2", "tracking.wandb_mode=disabled"])
     with pytest.raises(RuntimeError, match="optimizer exploded"):
         train.run(cfg)
-    assert closed == [True]
+    assert closed == [True, True]    # the rollout engine and the BF16 one of eval.bf16
     assert read_metrics(tmp_path / "r") == []
 
 
@@ -160,3 +161,40 @@ def test_runs_that_used_to_crash(tmp_path, overrides):
         assert "router/topk_agreement" in rows[1]
     else:   # a BF16 rollout routes exactly like the policy: no agreement to measure
         assert "router/topk_agreement" not in rows[1]
+
+
+def test_eval_report_and_a_quiet_console(tmp_path):
+    """A subprocess run: held-out eval (and its BF16 twin) each step, the report PNG, and the
+    per-push vLLM INFO lines in the run's vllm.log instead of the console."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "qerl_rollout.train", f"run.output_dir={tmp_path}",
+                          "tracking.run_name=r", "run.steps=3", "eval.every=2", "eval.num_prompts=4",
+                          "rollout.prompts_per_step=2", "tracking.wandb_mode=disabled"],
+                         capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})   # conftest quiets it
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_metrics(tmp_path / "r")
+    assert "eval/reward" not in rows[0]
+    for row in rows[1:]:                  # every 2 steps, and the final step
+        assert 0 <= row["eval/reward"] <= 1 and 0 <= row["eval/pass@4"] <= 1
+        assert row["eval/reward_gap"] == row["eval/reward_bf16"] - row["eval/reward"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["eval/reward"] == rows[2]["eval/reward"]
+    assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["report"] == str(tmp_path / "r" / "report.png")
+    after_start = run.stdout.split("step 1/3", 1)[1]
+    assert "Reloading and processing weights" not in after_start
+    assert "Reloading and processing weights" in (tmp_path / "r" / "vllm.log").read_text()
+    assert [line.split()[1] for line in run.stdout.splitlines() if line.startswith("step ")] == \
+        ["1/3", "2/3", "3/3"]
+
+
+def test_held_out_prompts_never_appear_in_training():
+    from qerl_rollout.rewards.synthetic import TASKS
+
+    for task in TASKS.values():
+        train_prompts = {r["prompt"] for r in task.rows(2000, seed=0)}
+        eval_prompts = {r["prompt"] for r in task.rows(2000, seed=1, split="eval")}
+        assert eval_prompts and train_prompts and not train_prompts & eval_prompts, task.name

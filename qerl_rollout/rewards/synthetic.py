@@ -15,7 +15,9 @@ token 7" task rose from 0.016 to 0.16. The tasks here give partial credit on eve
 - "digit_count": the prompt asks for n digits (answer n, 3..8); reward =
   max(0, 1 - |digits - n| / n), so any digit-bearing sample scores and n must be read.
 
-Each task has a prompt generator (`rows(n, seed)` -> dataset rows {"prompt", "answer"}) and a
+Each task has a prompt generator (`rows(n, seed)` -> dataset rows {"prompt", "answer"}), a
+held-out one (`rows(n, seed, split="eval")`: prompts the training split never produces: other
+subjects for "digits", another phrasing for "digit_count") and a
 reward with the common signature (see `qerl_rollout.rewards`). They work on decoded text, so
 they do not depend on one tokenizer. Left out: tasks that need reasoning; use `math` for that.
 """
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _SUBJECTS = ("numbers", "digits", "a code", "a count", "a sequence", "a total")
+_EVAL_SUBJECTS = ("a year", "a phone number", "a price", "a score")   # never in training
 
 
 def digit_fraction(text: str) -> float:
@@ -56,6 +59,15 @@ def _digit_count_row(rng: random.Random) -> dict:
     return {"prompt": f"Write exactly {n} digits.", "answer": str(n)}
 
 
+def _digits_eval_row(rng: random.Random) -> dict:
+    return {"prompt": f"Write {rng.choice(_EVAL_SUBJECTS)} using only digits.", "answer": None}
+
+
+def _digit_count_eval_row(rng: random.Random) -> dict:
+    n = rng.randint(3, 8)
+    return {"prompt": f"Give me {n} digits and nothing else.", "answer": str(n)}
+
+
 @dataclass(frozen=True)
 class SyntheticTask:
     """A named toy task: a row generator and its reward."""
@@ -63,16 +75,22 @@ class SyntheticTask:
     name: str
     make_row: Callable[[random.Random], dict]
     reward: Callable[..., float]
+    make_eval_row: Callable[[random.Random], dict]
 
-    def rows(self, n: int, seed: int = 0) -> list[dict]:
-        """`n` dataset rows {"prompt": str, "answer": str | None}, deterministic in `seed`."""
+    def rows(self, n: int, seed: int = 0, split: str = "train") -> list[dict]:
+        """`n` dataset rows {"prompt": str, "answer": str | None}, deterministic in `seed`;
+        `split="eval"` draws from prompts the training split never produces."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         rng = random.Random(seed)
-        return [self.make_row(rng) for _ in range(n)]
+        make = self.make_row if split == "train" else self.make_eval_row
+        return [make(rng) for _ in range(n)]
 
 
 TASKS: dict[str, SyntheticTask] = {
-    "digits": SyntheticTask("digits", _digits_row, digits_reward),
-    "digit_count": SyntheticTask("digit_count", _digit_count_row, digit_count_reward),
+    "digits": SyntheticTask("digits", _digits_row, digits_reward, _digits_eval_row),
+    "digit_count": SyntheticTask("digit_count", _digit_count_row, digit_count_reward,
+                                 _digit_count_eval_row),
 }
 
 

@@ -75,6 +75,24 @@ def enable_cpu_amx() -> bool:
     return bool(torch.cpu._init_amx())
 
 
+def route_vllm_logs(log_file: str | Path) -> None:
+    """vLLM's INFO lines go to `log_file`; the console keeps vLLM's warnings and errors.
+
+    A run would otherwise print two INFO lines per push ("Reloading and processing weights",
+    "Successfully reset prefix cache") between its own one line per step. vLLM (re)configures
+    its "vllm" logger when an engine starts, so call this after the last engine started; it
+    lowers that logger's console handlers to WARNING and adds a file handler at the logger's
+    own level.
+    """
+    logger = logging.getLogger("vllm")
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(file_handler)
+
+
 def kernel_supported(scheme: str) -> tuple[bool, str]:
     """Whether vLLM has quantized kernels for `scheme` on this machine, and why (not)."""
     if scheme == "bf16":
