@@ -112,11 +112,14 @@ class TaskConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     reward: str = ""               # registry name or module:function; default: the task's own
+    reward_errors: str = "zero"    # a reward fn that raises: "zero" (reward 0, counted) or "raise"
     max_prompt_tokens: int = 512
 
     def __post_init__(self):
         if not self.synthetic and not self.path:
             raise ValueError("set task.path (a jsonl/parquet of prompts) or task.synthetic")
+        if self.reward_errors not in ("zero", "raise"):
+            raise ValueError(f"task.reward_errors must be 'zero' or 'raise', got {self.reward_errors!r}")
 
 
 @dataclass

@@ -95,7 +95,8 @@ def run(cfg) -> dict:
                 if baseline and cfg.rollout.baseline_every and step % cfg.rollout.baseline_every == 0:
                     measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
                 t1b = time.perf_counter()
-                rewards = _rewards(samples, prompts, reward_fn, tokenizer)
+                rewards, reward_stats = _rewards(samples, prompts, reward_fn, tokenizer,
+                                                 cfg.task.reward_errors)
                 batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
                 advantages = group_advantages(rewards, cfg.grpo.group_size,
                                               norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
@@ -105,6 +106,7 @@ def run(cfg) -> dict:
                 report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
                 logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
                 logged.update(measured)
+                logged.update(reward_stats)
                 if _router_stats_due(cfg, step):
                     logged.update(_router_metrics(cfg, policy, samples[0]))
                 if eval_data is not None and (step % cfg.eval.every == 0 or step == cfg.run.steps):
@@ -289,18 +291,30 @@ def _has_cuda() -> bool:
 
 # ------------------------------------------------------------------------------------ per step
 
-def _rewards(samples, prompts, reward_fn, tokenizer):
+def _rewards(samples, prompts, reward_fn, tokenizer, on_error: str = "zero"):
+    """(B,) rewards and their health: `reward/errors` (samples whose reward fn raised: reward 0,
+    or the run stops when task.reward_errors=raise) and `reward/non_finite` (NaN/Inf rewards,
+    which `group_advantages` leaves out)."""
     import torch
 
     order = [s.prompt_index for s in samples]
     if order != sorted(order):   # group_advantages needs each prompt's samples contiguous
         raise RuntimeError(f"rollout samples are not prompt-major: {order[:16]}")
-
-    return torch.tensor([
-        float(reward_fn(prompts[s.prompt_index].prompt,
-                        tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                        prompts[s.prompt_index].answer))
-        for s in samples])
+    values, errors = [], 0
+    for s in samples:
+        p = prompts[s.prompt_index]
+        try:
+            values.append(float(reward_fn(p.prompt, tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                          p.answer)))
+        except Exception as e:
+            if on_error == "raise":
+                raise RuntimeError(f"the reward function failed on prompt {p.index}: "
+                                   f"{type(e).__name__}: {e}") from e
+            values.append(0.0)
+            errors += 1
+    rewards = torch.tensor(values)
+    return rewards, {"reward/errors": errors,
+                     "reward/non_finite": int((~torch.isfinite(rewards)).sum())}
 
 
 def _step_seed(cfg, step: int) -> int:
@@ -347,7 +361,8 @@ _POLICY_METRICS = {
 def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: float) -> dict:
     tokens = sum(len(s.token_ids) for s in samples)
     return {
-        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+        "reward/mean": rewards[rewards.isfinite()].mean().item(),
+        "reward/std": rewards[rewards.isfinite()].std().item(),
         **{name: metrics[key] for name, key in _POLICY_METRICS.items() if key in metrics},
         "rollout/seconds": rollout_s, "rollout/tokens_per_s": tokens / max(rollout_s, 1e-9),
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,

@@ -198,3 +198,22 @@ def test_held_out_prompts_never_appear_in_training():
         train_prompts = {r["prompt"] for r in task.rows(2000, seed=0)}
         eval_prompts = {r["prompt"] for r in task.rows(2000, seed=1, split="eval")}
         assert eval_prompts and train_prompts and not train_prompts & eval_prompts, task.name
+
+
+def flaky_reward(prompt, response, answer=None, **meta):
+    """A reward fn for the test below: raises on one response in three, NaN on another."""
+    h = sum(map(ord, response)) % 3
+    if h == 0:
+        raise ValueError("cannot parse")
+    return float("nan") if h == 1 else 1.0
+
+
+def test_a_failing_or_non_finite_reward_is_counted_not_fatal(tmp_path, capsys):
+    base = [f"run.output_dir={tmp_path}", "run.steps=2", "rollout.prompts_per_step=2",
+            "task.reward=test_train:flaky_reward", "eval.every=0", "tracking.wandb_mode=disabled"]
+    assert train.main([*base, "tracking.run_name=zero"]) == 0
+    rows = read_metrics(tmp_path / "zero")
+    assert sum(r["reward/errors"] for r in rows) > 0 and sum(r["reward/non_finite"] for r in rows) > 0
+    assert all(r["loss/policy"] is not None for r in rows)          # NaN kept out of the loss
+    with pytest.raises(RuntimeError, match="the reward function failed on prompt"):
+        train.main([*base, "tracking.run_name=raise", "task.reward_errors=raise"])

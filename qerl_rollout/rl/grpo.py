@@ -60,11 +60,16 @@ def group_advantages(
     """(B,) rewards, groups contiguous -> (B,) advantages (r - mean_g) [/ (std_g + eps)].
 
     std is the unbiased (n-1) standard deviation, as verl computes it. A group of one response
-    gets mean 0 and std 1 (verl's convention), so its advantage is its reward.
+    gets mean 0 and std 1 (verl's convention), so its advantage is its reward. Non-finite
+    rewards (a reward function's NaN) are left out: the group's mean and std come from its
+    finite rewards, and those samples get advantage 0, so they add no gradient.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards {tuple(rewards.shape)} is not (B,) with B % {group_size} == 0")
     grouped = rewards.float().view(-1, group_size)
+    finite = torch.isfinite(grouped)
+    if not bool(finite.all()):
+        return _advantages_of_finite(grouped, finite, norm_std, eps).view(-1)
     if group_size == 1:
         mean, std = torch.zeros_like(grouped), torch.ones_like(grouped)
     else:
@@ -73,6 +78,16 @@ def group_advantages(
     centred = grouped - mean
     advantages = centred / (std + eps) if norm_std else centred
     return advantages.view(-1)
+
+
+def _advantages_of_finite(grouped, finite, norm_std: bool, eps: float) -> torch.Tensor:
+    values = torch.where(finite, grouped, 0.0)
+    count = finite.sum(dim=1, keepdim=True)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    var = (torch.where(finite, grouped - mean, 0.0) ** 2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), 1.0)
+    centred = torch.where(finite, grouped - mean, 0.0)
+    return centred / (std + eps) if norm_std else centred
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -255,3 +255,16 @@ def test_kl_penalty_matches_verl():
     for ours, theirs in (("k1", "k1"), ("k2", "k2"), ("k3", "low_var_kl")):
         torch.testing.assert_close(kl_penalty(logp, logp_old, ours),
                                    core_algos.kl_penalty(logp, logp_old, theirs))
+
+
+def test_group_advantages_leave_non_finite_rewards_out():
+    # Group 1: [1, nan, 0, 1] -> stats over [1, 0, 1]: mean 2/3, unbiased std sqrt(1/3);
+    # the NaN sample gets 0. Group 2 is all finite and matches the plain computation.
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, group_size=4, eps=0.0)
+    std = (1 / 3) ** 0.5
+    expected = [(1 - 2 / 3) / std, 0.0, (0 - 2 / 3) / std, (1 - 2 / 3) / std]
+    assert torch.allclose(adv[:4], torch.tensor(expected), atol=1e-6)
+    assert torch.equal(adv[4:], group_advantages(rewards[4:], group_size=4, eps=0.0))
+    inf = group_advantages(torch.tensor([float("inf"), 1.0, 0.0, 0.5]), group_size=4)
+    assert inf[0] == 0 and torch.isfinite(inf).all()
