@@ -103,3 +103,21 @@ def test_report_cli(tmp_path, capsys):
         '{"step": 2, "reward/mean": 0.7, "rollout/seconds": 1.5, "rollout/speedup_vs_bf16": 1.2}\n')
     assert report_main([str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_checkpoints_the_last_completed_step(tmp_path):
+    cmd = [sys.executable, "-m", "qerl_rollout.train", f"run.output_dir={tmp_path}",
+           "tracking.run_name=r", "run.steps=200", "run.save_every=0", "eval.every=0",
+           "rollout.prompts_per_step=2", "run.router_stats_every=0", "tracking.wandb_mode=disabled"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "r" / "metrics.jsonl").exists() or len(read_metrics(tmp_path / "r")) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    logged = read_metrics(tmp_path / "r")[-1]["step"]
+    state, path = checkpoint.latest(tmp_path / "r")
+    # the interrupt may land between logging a step and counting it done: then the one before
+    assert state.step in (logged - 1, logged) and f"step {state.step} is checkpointed" in err

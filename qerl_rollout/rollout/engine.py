@@ -413,10 +413,20 @@ class RolloutEngine:
     def generate(self, prompt_token_ids: list[list[int]], n: int = 1, max_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> list[Sample]:
-        """n samples per prompt, prompt-major, each with per-token logprobs and the version."""
+        """n samples per prompt, prompt-major, each with per-token logprobs and the version.
+
+        The logprobs are of the distribution sampled from: after temperature and top-p. A
+        trainer that scores the full softmax at that temperature (`rl.policy.Policy`) matches
+        them only at top_p=1, so top_p < 1 logs a warning (once): its TIS weights would be
+        biased. The training entry point always samples at top_p=1.
+        """
         from vllm import SamplingParams
 
         self._check_serving()
+        if top_p < 1.0 and not getattr(self, "_warned_top_p", False):
+            log.warning("generate(top_p=%s): logprobs are of the top-p-truncated distribution, "
+                        "which a full-softmax trainer does not reproduce (biased TIS weights)", top_p)
+            self._warned_top_p = True
         _check_prompts(prompt_token_ids)
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, logprobs=0, stop_token_ids=stop_token_ids,
