@@ -244,3 +244,21 @@ def test_from_samples_lays_rollout_logprobs_out_like_the_responses():
     expected = torch.tensor([[-0.1, -0.2, -0.3], [-0.5, 0.0, 0.0]], dtype=torch.float32)
     assert torch.equal(logp, expected)
     assert batch.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_dr_grpo_divides_by_the_configured_horizon_not_the_padded_length(policy_fp32):
+    """seq-mean-token-sum-norm: the loss is sum / seqs / horizon. With horizon = 2x the batch's
+    padded length the loss halves exactly; with horizon 0 (unset) it is the padded length."""
+    prompts, responses = _random_batch(5)
+    batch = TokenBatch.from_token_lists(prompts, responses, PAD)
+    adv = group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0]), 4)
+    padded = batch.response_mask.shape[1]
+    losses = {}
+    for horizon in (0, padded, 2 * padded):
+        policy_fp32.grpo = GRPOConfig(group_size=4, agg="seq-mean-token-sum-norm", horizon=horizon)
+        losses[horizon] = policy_fp32.backward(batch, adv)["loss"]
+        policy_fp32.optimizer.zero_grad(set_to_none=True)
+    policy_fp32.grpo = GRPOConfig(group_size=4)
+    assert losses[0] == losses[padded]
+    assert abs(losses[2 * padded] - losses[padded] / 2) <= 1e-7 * abs(losses[padded])
+    assert losses[padded] != 0
