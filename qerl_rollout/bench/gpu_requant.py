@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-experts", type=int, default=4,
                    help="experts of each stacked case compared with the CPU reference")
     p.add_argument("--out", type=Path, default=Path("bench/results/gpu_requant.json"))
+    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: run the script's logic on tiny CPU shapes via TRITON_INTERPRET")
     return p.parse_args(argv)
@@ -194,7 +195,7 @@ def run_case(name, shape, kernels, reference, args, device, gen) -> list[dict]:
           f"copy {copy['ms']:.3f} ms = {gbps(nbytes, copy['ms']):.0f} GB/s")
     print(HEADER, flush=True)
     rows = []
-    for scheme in SCHEMES:
+    for scheme in args.schemes:
         exact = (check_exact(kernels, reference, scheme, weights[0], *loras[0], args.check_experts)
                  if reference else {"plain_mismatched_bytes": None, "fused_mismatched_bytes": None})
         quant = timed(lambda w, s=scheme: kernels.quantize_triton(w, s), weights, args, cuda)

@@ -34,13 +34,16 @@ def test_quick_requant_bench_writes_every_case_and_scheme(tmp_path):
 
 
 def test_gpu_requant_cpu_smoke_is_exact(tmp_path):
-    """The GPU benchmark's own logic on tiny shapes through Triton's interpreter: every scheme
-    is checked byte for byte against the CPU path (its timings mean nothing here)."""
+    """The GPU benchmark's own logic on tiny shapes through Triton's interpreter, checked byte
+    for byte against the CPU path (its timings mean nothing here). One scheme: the script's
+    logic does not depend on it, and every kernel's exactness is tests/quant/test_triton_kernels.py's;
+    all four took 70 s of interpreter time."""
     out = tmp_path / "gpu.json"
     run = subprocess.run([sys.executable, "-m", "qerl_rollout.bench", "gpu_requant", "--cpu-smoke",
-                          "--iters", "1", "--warmup", "1", "--out", str(out)],
+                          "--iters", "1", "--warmup", "1", "--schemes", "int8", "--out", str(out)],
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["summary"]["all_exact"] and not data["summary"]["mismatched_rows"]
-    assert {r["scheme"] for r in data["results"]} == {"fp8_block", "fp8_channel", "int8", "nvfp4"}
+    assert {r["scheme"] for r in data["results"]} == {"int8"}
+    assert {r["case"] for r in data["results"]} == {"dense_160x288", "experts_3x96x256"}
