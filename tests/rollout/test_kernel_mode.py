@@ -77,32 +77,67 @@ def _fresh(checkpoints: list[Path], scheme: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("family, scheme", CASES)
-def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme):
-    model_dir = tiny_model(family)
+def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path) -> dict:
+    """Engine numbers before and after each of the three pushes, the pushes' reports, and the
+    merged checkpoint written after each push."""
     engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256)
-    assert engine.mode == ("kernel" if scheme == "int8" else "emulate")
-    assert engine.manifest()["model.layers.0.self_attn.q_proj.weight"][1] == (
-        torch.int8 if scheme == "int8" else torch.bfloat16)
+    mode = engine.mode
+    q_dtype = engine.manifest()["model.layers.0.self_attn.q_proj.weight"][1]
     policy = lora_policy(model_dir, family=family)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     sync = WeightSync(engine)
-
     pushed, checkpoints, reports = [], [], []
     before = engine_numbers(engine)
     for step, only in enumerate([None, None, "self_attn"]):
         if step:
             _perturb(policy, seed=step, only=only)
-        reports.append(sync.push(policy))
+        r = sync.push(policy)
+        reports.append({"version": r.version, "full": r.full, "bytes_sent": r.bytes_sent})
         pushed.append(engine_numbers(engine))
-        checkpoints.append(_write_merged(policy, base, model_dir, tmp_path / f"step{step}"))
+        checkpoints.append(str(_write_merged(policy, base, model_dir, out_dir / f"step{step}")))
     engine.close()
+    return {"mode": mode, "q_dtype": str(q_dtype), "before": before, "pushed": pushed,
+            "reports": reports, "checkpoints": checkpoints}
 
-    assert [r.version for r in reports] == [1, 2, 3]
-    assert [r.full for r in reports] == [True, False, False]
-    assert reports[2].bytes_sent < 0.5 * reports[1].bytes_sent   # experts stayed home
-    for step, (got, fresh) in enumerate(zip(pushed, _fresh(checkpoints, scheme))):
-        assert fresh["mode"] == engine.mode
-        assert got == fresh, f"push {step + 1} differs from a fresh load of the same weights"
+
+def _in_own_process(model_dir: Path, family: str, scheme: str, out_dir: Path) -> dict:
+    out = out_dir / "pushed.json"
+    run = subprocess.run([sys.executable, __file__, str(model_dir), family, scheme, str(out_dir)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("family, scheme", CASES)
+def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme):
+    model_dir = tiny_model(family)
+    if scheme == "int8":     # in this process, after the other engines of the suite
+        got = push_three_times(model_dir, family, scheme, tmp_path)
+    else:
+        # The BF16 engine pushes in a process of its own: in the pytest process, after ~20
+        # other engines, its second push once differed from a fresh load by up to 0.008
+        # (1 run in 3; never seen with the engine alone in its process, nor for INT8). Noted
+        # as an open question (README, Tests); the check itself stays exact.
+        got = _in_own_process(model_dir, family, scheme, tmp_path)
+    assert got["mode"] == ("kernel" if scheme == "int8" else "emulate")
+    assert got["q_dtype"] == str(torch.int8 if scheme == "int8" else torch.bfloat16)
+    reports, pushed = got["reports"], got["pushed"]
+    assert [r["version"] for r in reports] == [1, 2, 3]
+    assert [r["full"] for r in reports] == [True, False, False]
+    assert reports[2]["bytes_sent"] < 0.5 * reports[1]["bytes_sent"]   # experts stayed home
+    fresh_all = _fresh([Path(c) for c in got["checkpoints"]], scheme)
+    for step, (mine, fresh) in enumerate(zip(pushed, fresh_all)):
+        assert fresh["mode"] == got["mode"]
+        assert mine == fresh, f"push {step + 1} differs from a fresh load of the same weights"
     # ... and each push changed what the engine serves (the comparison can fail).
-    assert before["score"] != pushed[0]["score"] != pushed[1]["score"] != pushed[2]["score"]
+    assert got["before"]["score"] != pushed[0]["score"] != pushed[1]["score"] != pushed[2]["score"]
+
+
+if __name__ == "__main__":   # `python test_kernel_mode.py MODEL_DIR FAMILY SCHEME OUT_DIR`
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    _model, _family, _scheme, _out = sys.argv[1:]
+    _result = push_three_times(Path(_model), _family, _scheme, Path(_out))
+    (Path(_out) / "pushed.json").write_text(json.dumps(_result))
