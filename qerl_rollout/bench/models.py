@@ -70,6 +70,20 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def vllm_env_defaults(kv_cache_gib: int = 1) -> None:
+    """What every engine benchmark sets before vLLM starts (an explicit environment wins)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_result(path: Path, result: dict) -> None:
+    """The benchmark's JSON, parents created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
 def environment() -> dict:
     return {"machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(),

@@ -31,7 +31,14 @@ import statistics
 import time
 from pathlib import Path
 
-from qerl_rollout.bench.models import DEFAULT_MODELS_DIR, environment, model_dir, parameter_count
+from qerl_rollout.bench.models import (
+    DEFAULT_MODELS_DIR,
+    environment,
+    model_dir,
+    parameter_count,
+    vllm_env_defaults,
+    write_result,
+)
 from qerl_rollout.config import QUANT_SCHEMES, QuantConfig
 
 DEFAULT_OUT = Path("bench/results/rollout.json")
@@ -135,10 +142,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    vllm_env_defaults(args.kv_cache_gib)
     t0 = time.perf_counter()
     path = args.model or model_dir("moe_430m", args.models_dir)
     if not (path / "config.json").is_file():
@@ -158,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               "batch": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n,
                         "max_tokens": args.max_tokens, "temperature": 1.0},
               "repeats": args.repeats, "wall_s": time.perf_counter() - t0, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s, load average {os.getloadavg()[0]:.1f})")
     return 0
 

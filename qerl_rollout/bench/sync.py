@@ -48,14 +48,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from qerl_rollout.bench.models import DEFAULT_MODELS_DIR, MODELS, environment, model_dir
+from qerl_rollout.bench.models import (
+    DEFAULT_MODELS_DIR,
+    MODELS,
+    environment,
+    model_dir,
+    vllm_env_defaults,
+    write_result,
+)
 from qerl_rollout.config import QUANT_SCHEMES, QuantConfig
 
 SYNC_MODELS = ("tiny", "moe_1gb")
@@ -270,10 +276,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    vllm_env_defaults(1)
     args = parse_args(argv)
     schemes = args.schemes or (QUICK_SCHEMES if args.quick else QUANT_SCHEMES)
     models = args.models or (["tiny"] if args.quick else list(SYNC_MODELS))
@@ -286,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": time.perf_counter() - t0, "warm_up_start_s": warm_up_s,
               "targets": {"wire": WIRE_TARGET, "delta": DELTA_TARGET, "restart": RESTART_TARGET},
               "models": {m: MODELS[m] for m in models}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
     return 0
 
