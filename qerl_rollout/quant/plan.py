@@ -145,6 +145,12 @@ class QuantPlan:
                 f"{checkpoint_name!r} is not a tensor of this {self.model_type} plan"
             ) from None
 
+    def decision_of(self, checkpoint_name: str) -> TensorDecision | None:
+        """Like `for_checkpoint`, but None for a name that is not a checkpoint tensor of the plan
+        (e.g. a compressed-tensors `x.weight_scale`)."""
+        trainer_name = self._by_checkpoint.get(checkpoint_name)
+        return None if trainer_name is None else self.decisions[trainer_name]
+
     def checkpoint_names(self) -> list[str]:
         return list(self._by_checkpoint)
 
@@ -186,17 +192,23 @@ class QuantPlan:
             yield from zip(names, stack.unbind(0))
 
     def checkpoint_stacks(
-        self, name: str, tensor: torch.Tensor
+        self, name: str, tensor: torch.Tensor, first_expert: int = 0
     ) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
-        """Like `checkpoint_tensors` but keeps experts stacked: (per-expert names, (E, rows, K))."""
+        """Like `checkpoint_tensors` but keeps experts stacked: (per-expert names, (E, rows, K)).
+
+        `tensor` may hold experts `first_expert .. first_expert + len(tensor) - 1` only (a
+        trainer rank's shard of the fused tensor); the names follow.
+        """
         split = self.splits.get(name)
         if split is None:
             yield self.decisions[name].checkpoint_names, tensor
             return
         n_parts = len(split.templates)
+        experts = range(first_expert, first_expert + tensor.shape[0])
+        if experts.stop > split.num_experts:
+            raise ValueError(f"{name}: experts {experts.start}..{experts.stop - 1} of {split.num_experts}")
         for part, chunk in enumerate(tensor.chunk(n_parts, dim=1)):
-            names = tuple(split.templates[part].format(expert=e) for e in range(split.num_experts))
-            yield names, chunk
+            yield tuple(split.templates[part].format(expert=e) for e in experts), chunk
 
     # -- vLLM / compressed-tensors view -----------------------------------------------------
     def ignore_patterns(self) -> list[str]:

@@ -14,8 +14,17 @@ one per response token, zero on response padding; prompt tokens are never scored
 a forward pass, not a second copy of the weights. `train_step` is one optimizer step of GRPO:
 mismatch correction against the rollout log-probs (`rl.mismatch`), the loss (`rl.grpo`)
 accumulated over micro-batches with whole-batch denominators, gradient clipping, AdamW, LR
-schedule. Left out: multiple PPO epochs inside one call (call `train_step` again with the same
-`logp_old`), optimizer-state checkpointing, and any distributed data parallelism.
+schedule.
+
+Distributed (`Policy(..., distributed=True)`, inside an initialised torch.distributed group):
+every rank loads the checkpoint on the CPU, attaches the same seeded adapters, and shards them
+with FSDP2 (`rl.fsdp.shard_policy`, which moves each shard to the rank's device). Each rank
+gets its rows of the global batch; the whole-batch denominators (tokens, sequences, padded
+length) are all-reduced before the loss, so the summed gradient is that of the global
+token-mean, not a mean of per-rank means. `state_dict` / `load_state_dict` then speak full
+(unsharded) tensors, the single-process format, through torch.distributed.checkpoint.
+Left out: multiple PPO epochs inside one call (call `train_step` again with the same
+`logp_old`).
 """
 
 from __future__ import annotations
@@ -184,14 +193,21 @@ class Policy:
         cfg: PolicyConfig,
         grpo: GRPOConfig | None = None,
         mismatch: MismatchConfig | None = None,
+        *,
+        distributed: bool = False,
     ):
         self.cfg = cfg
         self.grpo = grpo or GRPOConfig()
         self.mismatch = mismatch or MismatchConfig()
         self.device = _resolve_device(cfg.device)
+        self.distributed = distributed
         with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG left alone
             torch.manual_seed(cfg.seed)
-            self.model = load_lora_model(cfg, self.device)
+            self.model = load_lora_model(cfg, torch.device("cpu") if distributed else self.device)
+        if distributed:
+            from qerl_rollout.rl.fsdp import shard_policy
+
+            shard_policy(self.model, self.device.type)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg)
         self.step = 0
@@ -283,11 +299,7 @@ class Policy:
         if self.grpo.kl_coef > 0 and logp_ref is None:
             logp_ref = self.reference_logprobs(batch)
         logp_ref = None if logp_ref is None else logp_ref.to(self.device)
-        denominators = {  # clamped: a batch the rejection emptied gives a zero gradient, not NaN
-            "num_tokens": mask.sum().clamp(min=1),
-            "num_seqs": (mask.sum(-1) > 0).sum().clamp(min=1),
-            "horizon": self.grpo.horizon or None,   # None: this batch's padded length
-        }
+        denominators = self._denominators(mask)
         want_entropy = self.grpo.entropy_coef > 0
         logp_new, entropies, loss_total = [], [], 0.0
         for i in range(0, len(batch), self.cfg.micro_batch_size):
@@ -308,9 +320,27 @@ class Policy:
         metrics["loss"] = loss_total
         return metrics
 
+    def _denominators(self, mask: torch.Tensor) -> dict:
+        """Whole-batch counts of the loss; summed (the padded length: max-ed) over ranks.
+
+        Clamped: a batch the rejection emptied gives a zero gradient, not NaN.
+        """
+        counts = torch.stack([mask.sum(), (mask.sum(-1) > 0).sum().to(mask.dtype)])
+        horizon = torch.tensor([float(self.grpo.horizon or mask.shape[-1])])
+        if self.distributed:
+            import torch.distributed as dist
+
+            counts, horizon = counts.to(self.device), horizon.to(self.device)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            dist.all_reduce(horizon, op=dist.ReduceOp.MAX)
+        return {"num_tokens": counts[0].clamp(min=1), "num_seqs": counts[1].clamp(min=1),
+                "horizon": int(horizon.item())}
+
     def optimizer_step(self) -> dict[str, float]:
         """Clip the gradient norm, step AdamW and the LR schedule, clear the gradients."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        from qerl_rollout.rl.fsdp import full_tensor
+
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -330,26 +360,84 @@ class Policy:
         return metrics
 
     def state_dict(self) -> dict:
-        """What a run needs to continue training: LoRA tensors, optimizer, scheduler, step."""
+        """What a run needs to continue training: LoRA tensors, optimizer, scheduler, step.
+
+        Distributed: a collective; every rank returns the full tensors (on the CPU).
+        """
+        if self.distributed:
+            return self._full_state_dict()
         lora = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         return {"lora": lora, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`; every trainable tensor must be in it, with its shape."""
+    def _full_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        model_sd = get_model_state_dict(self.model, options=options)
+        lora = {n: t.detach().cpu().clone() for n, t in model_sd.items() if n in names}
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        optim = _to_cpu(optim)
+        return {"lora": lora, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "format": "fsdp_full"}
+
+    def load_lora(self, lora: dict[str, torch.Tensor]) -> None:
+        """Set every trainable tensor from full (unsharded) values, keyed as `state_dict()['lora']`."""
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        if params.keys() != state["lora"].keys():
-            missing = sorted(params.keys() - state["lora"].keys())
-            extra = sorted(state["lora"].keys() - params.keys())
-            raise ValueError(f"LoRA tensors differ from the checkpoint: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}")
+        if params.keys() != lora.keys():
+            raise ValueError(f"LoRA tensors differ: missing {sorted(params.keys() - lora.keys())[:3]}, "
+                             f"unexpected {sorted(lora.keys() - params.keys())[:3]}")
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, lora, options=StateDictOptions(full_state_dict=True, strict=False))
+            return
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(state["lora"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(lora[name])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; every trainable tensor must be in it, with its shape."""
+        if self.distributed != (state.get("format") == "fsdp_full"):
+            raise ValueError("the checkpoint's optimizer state was written by a "
+                             f"{'distributed' if state.get('format') else 'single-process'} trainer; "
+                             "resume it with trainer.num_workers "
+                             f"{'> 1' if state.get('format') else '= 1'}")
+        self.load_lora(state["lora"])
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
 
-    def save_adapter(self, path: str | Path) -> None:
-        """Write the LoRA adapter (peft format) to `path`."""
+    def save_adapter(self, path: str | Path, lora: dict | None = None) -> None:
+        """Write the LoRA adapter (peft format) to `path`.
+
+        Distributed: pass `lora` (full tensors from `state_dict()`); a sharded model cannot
+        write its own adapter.
+        """
+        if self.distributed:
+            from peft import get_peft_model_state_dict
+
+            if lora is None:
+                raise ValueError("a sharded policy writes its adapter from state_dict()['lora']")
+            adapter = get_peft_model_state_dict(self.model, state_dict=lora)
+            self.model.save_pretrained(str(path), state_dict=adapter)
+            return
         self.model.save_pretrained(str(path))
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree

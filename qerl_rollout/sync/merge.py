@@ -23,15 +23,22 @@ found without reading them. A large tensor written through the `.data` alias
 (`p.data.add_(x)`: only the alias's counter moves) or a numpy view is NOT seen;
 `push(full=True)` re-sends everything after such writes. Left out: DoRA, `fan_in_fan_out`, `modules_to_save` copies and other
 adapter types; they raise instead of being merged wrongly.
+
+Under FSDP2 (`rl.fsdp`) every parameter is a DTensor sharded on dim 0: `merged_shards` yields
+each rank's rows merged (the LoRA factors gathered whole, only the local rows of the delta
+computed), and fingerprints and finiteness checks read the local shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from qerl_rollout.rl.fsdp import full_tensor, local_tensor, row_range
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
@@ -78,18 +85,23 @@ def _target(layer: nn.Module) -> tuple[nn.Module, str]:
     return layer.base_layer, "weight"
 
 
-def _delta_fp32(layer: nn.Module, adapter: str) -> torch.Tensor:
-    """scaling * B @ A in fp32, shaped like the adapted tensor."""
-    a = layer.lora_A[adapter].weight.detach().float()
-    b = layer.lora_B[adapter].weight.detach().float()
+def _delta_fp32(layer: nn.Module, adapter: str, rows: slice | None = None) -> torch.Tensor:
+    """scaling * B @ A in fp32, shaped like the adapted tensor (or its dim-0 `rows` only).
+
+    Under FSDP2 the factors are sharded DTensors; they are gathered whole first (a collective,
+    small next to the weight), then only the rows this rank holds are computed.
+    """
+    a = full_tensor(layer.lora_A[adapter].weight).detach().float()
+    b = full_tensor(layer.lora_B[adapter].weight).detach().float()
+    rows = rows or slice(None)
     scaling = layer.scaling[adapter]
     num_experts = getattr(layer, "num_experts", 1)
     if type(layer).__name__ == "ParamWrapper" and num_experts > 1:
-        a = a.reshape(num_experts, -1, a.shape[-1])          # (E, r, in)
-        b = b.reshape(b.shape[0], -1, num_experts)           # (out, r, E)
+        a = a.reshape(num_experts, -1, a.shape[-1])[rows]          # (E, r, in)
+        b = b.reshape(b.shape[0], -1, num_experts)[:, :, rows]     # (out, r, E)
         layout = "e o i" if layer._did_swap_in_out_features else "e i o"
         return torch.einsum(f"o r e, e r i -> {layout}", b, a) * scaling
-    return (b @ a) * scaling
+    return (b[rows] @ a) * scaling
 
 
 def _adapters_by_tensor(model: nn.Module) -> dict[tuple[int, str], list[tuple[nn.Module, str]]]:
@@ -103,13 +115,16 @@ def _adapters_by_tensor(model: nn.Module) -> dict[tuple[int, str], list[tuple[nn
     return found
 
 
-def merge(w: torch.Tensor, adapters: list[tuple[nn.Module, str]]) -> torch.Tensor:
-    """w + sum of the adapters' deltas, accumulated in fp32 and rounded once to w's dtype."""
+def merge(w: torch.Tensor, adapters: list[tuple[nn.Module, str]], rows: slice | None = None) -> torch.Tensor:
+    """w + sum of the adapters' deltas, accumulated in fp32 and rounded once to w's dtype.
+
+    `rows`: `w` holds only these dim-0 rows of the adapted tensor (a rank's shard).
+    """
     if not adapters:
         return w.detach()
     acc = w.detach().to(torch.float32, copy=True)   # a copy even when w is already fp32
     for layer, adapter in adapters:
-        acc += _delta_fp32(layer, adapter)
+        acc += _delta_fp32(layer, adapter, rows)
     return acc.to(w.dtype)
 
 
@@ -143,14 +158,51 @@ def merged_named_tensors(
             yield name, merge(t, adapters.get((id(owner), leaf), []))
 
 
-def raw_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(plain name, own name, tensor) of every tensor a merged value reads, adapters included."""
+@dataclass
+class Shard:
+    """A rank's part of a merged trainer tensor: rows [start, start + len(tensor)) of `rows`.
+
+    `replicated`: the tensor is not sharded (every rank holds all of it, e.g. a buffer).
+    """
+
+    name: str
+    tensor: torch.Tensor
+    start: int
+    rows: int
+    replicated: bool
+
+
+def merged_shards(model: nn.Module, names: set[str] | None = None) -> Iterator[Shard]:
+    """`merged_named_tensors` for an FSDP2-sharded model: this rank's rows of each tensor,
+    LoRA merged. A collective (the LoRA factors are gathered): every rank must walk the same
+    `names` in the same order."""
     adapters = _adapters_by_tensor(model)
     for name, owner, leaf, t in _owned_tensors(model):
-        yield name, name, t
+        if names is not None and name not in names:
+            continue
+        local = local_tensor(t)
+        if local is t or t.dim() == 0:
+            yield Shard(name, merge(t, adapters.get((id(owner), leaf), [])), 0, max(t.shape[:1], default=1),
+                        replicated=True)
+            continue
+        mesh = t.device_mesh
+        start, stop = row_range(t.shape[0], mesh.get_local_rank(), mesh.size())
+        if local.shape[0] != stop - start:
+            raise RuntimeError(f"{name}: rank holds {local.shape[0]} rows, expected {stop - start}")
+        rows = slice(start, stop)
+        yield Shard(name, merge(local, adapters.get((id(owner), leaf), []), rows), start, t.shape[0],
+                    replicated=False)
+
+
+def raw_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(plain name, own name, tensor) of every tensor a merged value reads, adapters included
+    (under FSDP2: this rank's shards)."""
+    adapters = _adapters_by_tensor(model)
+    for name, owner, leaf, t in _owned_tensors(model):
+        yield name, name, local_tensor(t)
         for layer, a in adapters.get((id(owner), leaf), []):
-            yield name, f"{name} (LoRA {a} A)", layer.lora_A[a].weight
-            yield name, f"{name} (LoRA {a} B)", layer.lora_B[a].weight
+            yield name, f"{name} (LoRA {a} A)", local_tensor(layer.lora_A[a].weight)
+            yield name, f"{name} (LoRA {a} B)", local_tensor(layer.lora_B[a].weight)
 
 
 SMALL_TENSOR_NUMEL = 1 << 16
@@ -163,7 +215,8 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     Writes through the `.data` alias (`p.data.mul_(2)`) bump only the alias's counter, so for
     small tensors (norms, biases, routing biases, LoRA factors) the bytes are hashed too.
     """
-    key = (id(t), t.data_ptr(), t._version)
+    key_id, t = id(t), local_tensor(t)   # FSDP2: the local shard's storage and version counter
+    key = (key_id, t.data_ptr(), t._version)
     if t.numel() <= SMALL_TENSOR_NUMEL:
         data = t.detach().cpu().contiguous().view(-1).view(torch.uint8)
         key += (hashlib.blake2b(data.numpy().tobytes(), digest_size=16).digest(),)

@@ -103,19 +103,29 @@ def units(stream: Iterable[Piece]) -> Iterator[Unit]:
     yield from (Unit(k, v) for k, v in pending.items())
 
 
+AmaxReduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def _amax_by_name(piece: Piece) -> dict[str, torch.Tensor]:
     t = piece.tensor
     if piece.stacked:
-        amax = t.abs().amax(dim=(1, 2))
+        amax = t.abs().amax(dim=(1, 2)) if t.numel() else t.new_zeros(t.shape[0])
         return dict(zip(piece.names, amax.unbind(0)))
-    return {piece.names[0]: t.abs().amax()}
+    return {piece.names[0]: t.abs().amax() if t.numel() else t.new_zeros(())}
 
 
-def _group_amax(plan: QuantPlan, quantized: list[Piece]) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> the amax its NVFP4 global scale is computed from (`plan.group_amax`)."""
+def _group_amax(plan: QuantPlan, quantized: list[Piece],
+                row_amax_reduce: AmaxReduce | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> the amax its NVFP4 global scale is computed from (`plan.group_amax`).
+
+    `row_amax_reduce` combines the amax of unstacked pieces over the trainer ranks that hold
+    their rows (a max all-reduce); stacked experts are whole on one rank and are not reduced.
+    """
     amax = {}
     for p in quantized:
         amax.update(_amax_by_name(p))
+    if row_amax_reduce is not None:
+        amax.update(row_amax_reduce({n: amax[n] for p in quantized if not p.stacked for n in p.names}))
     return plan.group_amax(amax)
 
 
@@ -134,10 +144,11 @@ def _split(piece: Piece, tensor: torch.Tensor) -> list[torch.Tensor]:
     return list(tensor.unbind(0)) if piece.stacked else [tensor]
 
 
-def quantize_unit(unit: Unit, plan: QuantPlan, scheme: str) -> list[tuple[Piece, QuantizedWeight | None]]:
+def quantize_unit(unit: Unit, plan: QuantPlan, scheme: str,
+                  row_amax_reduce: AmaxReduce | None = None) -> list[tuple[Piece, QuantizedWeight | None]]:
     """Each piece of a unit with its `QuantizedWeight` (None for exempt pieces or `bf16`)."""
     quantized = [p for p in unit.pieces if scheme != "bf16" and plan.for_checkpoint(p.names[0]).quantized]
-    group_amax = _group_amax(plan, quantized) if scheme == "nvfp4" else None
+    group_amax = _group_amax(plan, quantized, row_amax_reduce) if scheme == "nvfp4" else None
     quantized_ids = {id(p) for p in quantized}
     return [(p, _quantize_piece(p, scheme, group_amax) if id(p) in quantized_ids else None)
             for p in unit.pieces]
@@ -148,10 +159,14 @@ def encode_unit(
     plan: QuantPlan,
     scheme: str,
     norm_transform: NormTransform | None = None,
+    row_amax_reduce: AmaxReduce | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
-    """The payload of one unit: [(engine checkpoint name, tensor)] (see module docstring)."""
+    """The payload of one unit: [(engine checkpoint name, tensor)] (see module docstring).
+
+    `row_amax_reduce`: see `_group_amax` (the sharded sync's hook; None in one process).
+    """
     out: list[tuple[str, torch.Tensor]] = []
-    for piece, qw in quantize_unit(unit, plan, scheme):
+    for piece, qw in quantize_unit(unit, plan, scheme, row_amax_reduce):
         if qw is None:
             out += _exempt(piece, plan, norm_transform)
             continue
@@ -183,9 +198,19 @@ def _exempt(piece: Piece, plan: QuantPlan, norm_transform: NormTransform | None)
     for name, t in zip(piece.names, _split(piece, piece.tensor)):
         if not all_finite(t):
             raise ValueError(f"trainer tensor {piece.source!r} has NaN/Inf values")
-        if norm_transform is not None and plan.for_checkpoint(name).category == "norm":
-            t = norm_transform(name, t)
         out.append((name, t))
+    return transform_norms(out, plan, norm_transform)
+
+
+def transform_norms(payload: list[tuple[str, torch.Tensor]], plan: QuantPlan,
+                    norm_transform: NormTransform | None) -> list[tuple[str, torch.Tensor]]:
+    """`norm_transform` applied to the norm weights of a payload, in payload order."""
+    if norm_transform is None:
+        return payload
+    out = []
+    for name, t in payload:
+        decision = plan.decision_of(name)
+        out.append((name, norm_transform(name, t) if decision and decision.category == "norm" else t))
     return out
 
 

@@ -19,6 +19,12 @@ How a push works (`WeightSync.push(model)`):
    push completes; a failure in the transport or engine (not in the trainer's tensors) is
    retried once as a full push.
 
+Sharded trainers (`WeightSync(..., sharded=True)` on every FSDP2 rank, the receiver on rank 0
+and None elsewhere): the ranks agree on what changed (the union of their fingerprints) and on
+any preflight failure (all raise it), each merges and quantizes the rows it holds, and rank 0
+assembles complete tensors and loads them (`sync.sharded`). A transport failure is not
+retried here: the other ranks would not follow; the caller re-pushes on every rank.
+
 Left out: overlapping requantization with transport (the phases run one after the other;
 `report.seconds` shows where the time goes), and a rollback of a half-applied push to the
 previous weights (it would need a second copy of the engine's weights).
@@ -39,6 +45,7 @@ from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.rollout.types import WeightReceiver
 from qerl_rollout.sync.bucket import buckets, nbytes
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
+from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
 from qerl_rollout.sync.stream import NormTransform, all_finite, encode_unit, pieces, unit_of, units
 
 log = logging.getLogger(__name__)
@@ -111,17 +118,26 @@ class WeightSync:
 
     def __init__(
         self,
-        engine: WeightReceiver,
+        engine: WeightReceiver | None,
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         plan: QuantPlan | None = None,
         retry_full_on_transport_error: bool = True,
+        sharded: bool = False,
+        scheme: str | None = None,
     ):
+        """`sharded`: every rank of an FSDP2 trainer makes one; `engine` on rank 0 only, and
+        `scheme` (the engine's) on the others, which never talk to it."""
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        if engine is None and not (sharded and scheme):
+            raise ValueError("only the non-zero ranks of a sharded sync run without an engine, "
+                             "and they need the engine's scheme")
         self.engine = engine
+        self.scheme = engine.scheme if engine is not None else scheme
+        self.sharded = sharded
         self.bucket_bytes = bucket_bytes
-        self.retry = retry_full_on_transport_error
+        self.retry = retry_full_on_transport_error and not sharded
         self._plan = plan
         self._manifest = None
         self._pushed: dict[str, tuple] | None = None
@@ -129,8 +145,9 @@ class WeightSync:
 
     # -- public ---------------------------------------------------------------------------
     def push(self, model: nn.Module, *, full: bool = False,
-             norm_transform: NormTransform | None = None, version: int | None = None) -> SyncReport:
-        """Stream `model` (transformers or peft) into the engine; returns the report.
+             norm_transform: NormTransform | None = None, version: int | None = None) -> SyncReport | None:
+        """Stream `model` (transformers or peft) into the engine; returns the report (None on
+        the non-zero ranks of a sharded sync).
 
         `norm_transform(name, tensor) -> tensor` changes norm weights on their way to the
         engine only (adaptive quantization noise); with it, every norm is re-sent. `version`
@@ -143,12 +160,15 @@ class WeightSync:
                 now = fingerprint(model)
                 full = full or self._pushed is None
                 changed = set(now) if full else {n for n in now if self._pushed.get(n) != now[n]}
+                if self.sharded:
+                    changed = union_over_ranks(changed)
                 resend_norms = norm_transform is not None or self._norms_transformed
                 names = self._names_to_send(plan, changed, resend_norms)
                 self._preflight(model, plan, names, changed)
-            version = self.engine.version + 1 if version is None else version
-            if version <= self.engine.version:
-                raise PushError(f"version {version} is not newer than the served {self.engine.version}")
+            if self.engine is not None:
+                version = self.engine.version + 1 if version is None else version
+                if version <= self.engine.version:
+                    raise PushError(f"version {version} is not newer than the served {self.engine.version}")
             try:
                 report = self._stream(model, plan, names, version, full, norm_transform, clock)
             except TransportError as e:
@@ -157,7 +177,8 @@ class WeightSync:
                 log.warning("push of version %d failed in transport (%s); re-pushing in full", version, e)
                 report = self._stream(model, plan, set(plan.decisions), version, True, norm_transform, clock)
                 report.retried = True
-        report.seconds = clock.seconds
+        if report is not None:
+            report.seconds = clock.seconds
         self._pushed = now
         self._norms_transformed = norm_transform is not None
         return report
@@ -168,7 +189,7 @@ class WeightSync:
 
     # -- steps ----------------------------------------------------------------------------
     def _plan_for(self, model: nn.Module) -> QuantPlan:
-        scheme = self.engine.scheme if self.engine.scheme != "bf16" else "fp8_block"
+        scheme = self.scheme if self.scheme != "bf16" else "fp8_block"
         if self._plan is None:
             # From the config (meta device): plain transformers names, whatever peft wrapped.
             self._plan = build_plan(_base_model(model).config, scheme)
@@ -184,17 +205,29 @@ class WeightSync:
                 if any(unit_of(ck) in unit_names for ck in d.checkpoint_names)}
 
     def _preflight(self, model: nn.Module, plan: QuantPlan, names: set[str], changed: set[str]):
-        if self._manifest is None:
-            self._manifest = self.engine.manifest()
+        error = None
+        try:
+            self._check_tensors(model, plan, changed)
+            if self.engine is not None:
+                if self._manifest is None:
+                    self._manifest = self.engine.manifest()
+                expected = self._expected_shapes(plan, names)
+                self._check_manifest(expected, full=len(names) == len(plan.decisions))
+        except PushError as e:
+            error = str(e)
+        if self.sharded:
+            error = first_error_over_ranks(error)
+        if error:
+            raise PushError(error)
+
+    def _check_tensors(self, model: nn.Module, plan: QuantPlan, changed: set[str]) -> None:
         unknown = sorted(n for n in changed if n not in plan.decisions)
         if unknown:
             raise PushError(f"trainer tensors unknown to the quant plan: {unknown[:5]}")
         for name, own, t in raw_tensors(model):
             if name in changed and not all_finite(t):
                 raise PushError(f"refusing to push: trainer tensor {own!r} has NaN/Inf values; "
-                                f"the engine keeps serving version {self.engine.version}")
-        expected = self._expected_shapes(plan, names)
-        self._check_manifest(expected, full=len(names) == len(plan.decisions))
+                                "the engine keeps serving its current version")
 
     @staticmethod
     def _expected_shapes(plan: QuantPlan, names: set[str]) -> dict[str, tuple[int, ...]]:
@@ -221,23 +254,29 @@ class WeightSync:
             if missing:
                 raise PushError(f"engine expects tensors the trainer lacks: {missing[:5]}")
 
-    def _stream(self, model, plan, names, version, full, norm_transform, clock) -> SyncReport:
-        scheme = self.engine.scheme
+    def _payloads(self, model, plan, names, norm_transform, clock, counts) -> Iterator[list]:
+        """Encoded units in layer order (see the module docstring, step 3)."""
+        if self.sharded:
+            yield from sharded_payloads(model, plan, names, self.scheme, norm_transform, clock, counts)
+            return
         merged = clock.timed("merge", merged_named_tensors(model, names))
-        bytes_bf16 = 0
+        for unit in units(pieces(plan, merged)):
+            counts["bytes_bf16"] += sum(p.tensor.numel() * p.tensor.element_size() for p in unit.pieces)
+            with clock.phase("quantize"):
+                payload = encode_unit(unit, plan, self.scheme, norm_transform)
+            yield payload   # outside the timer: the consumer loads buckets meanwhile
 
-        def encoded():
-            nonlocal bytes_bf16
-            for unit in units(pieces(plan, merged)):
-                bytes_bf16 += sum(p.tensor.numel() * p.tensor.element_size() for p in unit.pieces)
-                with clock.phase("quantize"):
-                    payload = encode_unit(unit, plan, scheme, norm_transform)
-                yield payload   # outside the timer: the consumer loads buckets meanwhile
-
+    def _stream(self, model, plan, names, version, full, norm_transform, clock) -> SyncReport | None:
+        counts = {"bytes_bf16": 0}
+        encoded = self._payloads(model, plan, names, norm_transform, clock, counts)
+        if self.engine is None:         # a non-zero rank of a sharded sync: its collectives only
+            for _ in encoded:
+                pass
+            return None
         sent = n_buckets = n_tensors = 0
         _engine_call(self.engine.begin_update, version)
         try:
-            for bucket in buckets(encoded(), self.bucket_bytes):
+            for bucket in buckets(encoded, self.bucket_bytes):
                 with clock.phase("load"):
                     _engine_call(self.engine.load, bucket)
                 n_buckets += 1
@@ -246,10 +285,18 @@ class WeightSync:
             with clock.phase("commit"):
                 _engine_call(self.engine.commit, version)
         except ValueError as e:
-            self.engine.abort(str(e))
+            self._abort(encoded, str(e))
             raise PushError(str(e)) from e
         except Exception as e:
-            self.engine.abort(str(e))
+            self._abort(encoded, str(e))
             raise
         n_units = len({unit_of(ck) for n in names for ck in plan[n].checkpoint_names})
-        return SyncReport(version, full, n_tensors, sent, bytes_bf16, n_units, n_buckets)
+        return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets)
+
+    def _abort(self, encoded: Iterator, reason: str) -> None:
+        """Tell the engine; a sharded rank 0 also finishes the walk, so the other ranks'
+        collectives complete and they return (the error is rank 0's to raise)."""
+        self.engine.abort(reason)
+        if self.sharded:
+            for _ in encoded:
+                pass

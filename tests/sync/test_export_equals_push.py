@@ -20,32 +20,7 @@ from qerl_rollout.quant.export import export_checkpoint
 from qerl_rollout.rollout.engine import checkpoint_stream, read_manifest
 from qerl_rollout.sync.weight_sync import WeightSync
 
-
-class RecordingReceiver:
-    """A `WeightReceiver` that keeps every tensor it is sent (what a kernel engine would load)."""
-
-    mode = "kernel"
-
-    def __init__(self, scheme: str, manifest: dict):
-        self.scheme, self._manifest, self.version = scheme, manifest, 0
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def manifest(self):
-        return self._manifest
-
-    def begin_update(self, version):
-        pass
-
-    def load(self, named_tensors):
-        for name, t in named_tensors:
-            assert name not in self.tensors, f"{name} sent twice in one push"
-            self.tensors[name] = t.clone()
-
-    def commit(self, version):
-        self.version = version
-
-    def abort(self, reason):
-        raise AssertionError(reason)
+from recording import RecordingReceiver
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
