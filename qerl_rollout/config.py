@@ -87,6 +87,8 @@ class RolloutConfig:
     kv_cache_gib: int = 1          # vLLM-CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE, an integer)
     gpu_memory_utilization: float = 0.5
     bucket_mb: int = 256           # weight-sync bucket size
+    num_engines: int = 1           # data-parallel engines; a step's prompts are split across them
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism inside each engine (GPUs per engine)
     # Every N steps a BF16 engine, pushed the same policy, generates the same prompts with the
     # same seed: rollout/speedup_vs_bf16 and quant/kl_vs_bf16 (qerl_rollout.rollout.baseline).
     # 0: off (a second engine must fit beside the first).
@@ -101,6 +103,9 @@ class RolloutConfig:
             raise ValueError("rollout.group_size must be >= 2: GRPO compares samples within a group")
         if self.baseline_every < 0:
             raise ValueError(f"rollout.baseline_every must be >= 0 (0: off), got {self.baseline_every}")
+        if self.num_engines < 1 or self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.num_engines and rollout.tensor_parallel_size must be >= 1, got "
+                             f"{self.num_engines} and {self.tensor_parallel_size}")
 
 
 @dataclass
@@ -123,17 +128,43 @@ class TaskConfig:
 
 
 @dataclass
-class PlacementConfig:
-    """`local`: the engine runs in this process. `ray`: in a Ray actor (`ray_address` or local)."""
+class TrainerConfig:
+    """The trainer's processes: `num_workers` FSDP2 ranks in Ray actors (placement split/colocated)."""
 
-    mode: str = "local"
-    ray_address: str = ""
-    rollout_num_cpus: float = 1.0
-    rollout_num_gpus: float = 0.0
+    num_workers: int = 1
 
     def __post_init__(self):
-        if self.mode not in ("local", "ray"):
-            raise ValueError(f"placement.mode must be 'local' or 'ray', got {self.mode!r}")
+        if self.num_workers < 1:
+            raise ValueError(f"trainer.num_workers must be >= 1, got {self.num_workers}")
+
+
+PLACEMENT_MODES = ("local", "split", "colocated")
+
+
+@dataclass
+class PlacementConfig:
+    """Where trainer and engines run (the layouts: `qerl_rollout.layout`).
+
+    local:     trainer and one engine in this process (one device).
+    split:     trainer workers and engines in Ray actors on disjoint GPUs (or CPUs).
+    colocated: trainer worker i and engine i share GPU i; the engine sleeps while the trainer
+               steps and the trainer's state leaves the GPU while the engine generates.
+    """
+
+    mode: str = "local"
+    ray_address: str = ""          # "" starts a local Ray; "auto" joins the running cluster
+    use_gpus: str = "auto"         # auto: when the Ray cluster has GPUs; "true" / "false"
+    trainer_num_cpus: float = 1.0  # per trainer worker
+    rollout_num_cpus: float = 1.0  # per engine
+
+    def __post_init__(self):
+        if self.mode == "ray":
+            raise ValueError("placement.mode=ray is now placement.mode=split (trainer and engines in "
+                             "Ray actors) or colocated (sharing GPUs)")
+        if self.mode not in PLACEMENT_MODES:
+            raise ValueError(f"placement.mode must be one of {PLACEMENT_MODES}, got {self.mode!r}")
+        if self.use_gpus not in ("auto", "true", "false"):
+            raise ValueError(f"placement.use_gpus must be auto, true or false, got {self.use_gpus!r}")
 
 
 @dataclass
@@ -169,6 +200,7 @@ class TrainConfig:
     mismatch: MismatchConfig = field(default_factory=MismatchConfig)
     aqn: AQNConfig = field(default_factory=AQNConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -181,10 +213,29 @@ class TrainConfig:
         self._check_policy_fields()
         if self.run.resume and not self.tracking.run_name:
             raise ValueError("run.resume=true needs tracking.run_name: the run to continue")
+        self._check_placement()
         if self.grpo.group_size != self.rollout.group_size:
             raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
                              f"({self.rollout.group_size}): advantages are normalised per sampled group")
 
+
+    def _check_placement(self) -> None:
+        """What the config alone decides; the model and the cluster are checked in `layout`."""
+        p, r = self.placement, self.rollout
+        if p.mode == "local" and (self.trainer.num_workers, r.num_engines, r.tensor_parallel_size) != (1, 1, 1):
+            raise ValueError("placement.mode=local runs one trainer and one engine in this process; "
+                             "use placement.mode=split or colocated for trainer.num_workers, "
+                             "rollout.num_engines or rollout.tensor_parallel_size > 1")
+        if p.mode != "local" and self.run.router_stats_every:
+            raise ValueError(f"run.router_stats_every needs the trainer's model in this process "
+                             f"(placement.mode=local); set run.router_stats_every=0 for {p.mode}")
+        rows = r.prompts_per_step * r.group_size
+        if rows < self.trainer.num_workers:
+            raise ValueError(f"{rows} samples per step cannot give each of trainer.num_workers="
+                             f"{self.trainer.num_workers} ranks a row")
+        if r.prompts_per_step < r.num_engines:
+            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} leaves some of "
+                             f"rollout.num_engines={r.num_engines} engines without prompts")
 
     # PolicyConfig fields the run sets from other sections: one source each.
     _POLICY_SOURCES = {"model_path": "model.path", "total_steps": "run.steps", "seed": "run.seed",

@@ -2,29 +2,31 @@
 
 How it works. The config (`qerl_rollout.config.TrainConfig`, default: the embedded tiny CPU
 run `configs/grpo_tiny_cpu.yaml`) names a checkpoint (or a tiny model built in the run
-directory), a rollout scheme, a task and the trainer's settings. `run` builds the trainer
-(`rl.policy.Policy`: BF16 + LoRA), places the rollout engine (`LocalRollout` in this process,
-or `workers.placement.RayRollout` in a Ray actor) and a `WeightSync` into it, then repeats:
+directory), a rollout scheme, a task and the trainer's settings. `run` places the trainer
+(`rl.policy.Policy`: BF16 + LoRA) and the rollout engines: in this process
+(`local.LocalPlacement`, placement.mode=local) or in Ray actors (`workers.placement`, split
+or colocated: FSDP2 trainer ranks, several engines), behind the same interface, then repeats:
 
     prompts -> rollout.generate(n=group)     samples, rollout logprobs, weight version v
             -> reward per sample             task reward on the decoded response
             -> group_advantages              (r - mean_group) / std_group
-            -> policy.train_step             GRPO loss, token-level TIS vs the rollout logprobs
-            -> sync.push(policy.model)       merge LoRA, requantize, stream: engine serves v+1
+            -> trainer.train_step            GRPO loss, token-level TIS vs the rollout logprobs
+            -> trainer.push()                merge LoRA, requantize, stream: engines serve v+1
             -> tracker.log                   metrics.jsonl + wandb (offline by default)
+
+The driver holds the data, the rewards and the loop; in Ray placements it holds no model.
 
 The run directory (`run.output_dir/<run name>`) holds the resolved config, the metrics, the
 wandb files, the LoRA adapter and checkpoints (`qerl_rollout.checkpoint`, every
 `run.save_every` steps, at the end and on Ctrl-C). The same command with `run.resume=true`
 continues from the newest complete checkpoint: trainer, optimizer, sampler and RNG restored,
 the engine pushed the restored weights under the checkpointed version, metrics.jsonl cut back
-to that step, the same wandb run resumed. Left out: evaluation on held-out prompts, several
-rollout engines, and trainer/engine GPU colocation (sleep/wake between phases).
+to that step, the same wandb run resumed. Held-out evaluation runs every `eval.every` steps.
+Left out: asynchronous (off-policy) rollouts overlapping the trainer's step.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import ExitStack, closing
@@ -32,57 +34,37 @@ from dataclasses import replace
 from pathlib import Path
 
 
-class LocalRollout:
-    """The rollout engine in this process (the in-process twin of `RayRollout`)."""
-
-    def __init__(self, model_dir, quant, **engine_kwargs):
-        from qerl_rollout.rollout.engine import RolloutEngine
-
-        self.engine = RolloutEngine(model_dir, quant, **engine_kwargs)
-        self.receiver = self.engine
-
-    def generate(self, prompt_token_ids, **sampling):
-        return self.engine.generate(prompt_token_ids, **sampling)
-
-    def score(self, prompt_token_ids, response_token_ids):
-        return self.engine.score(prompt_token_ids, response_token_ids)
-
-    def close(self):
-        self.engine.close()
-
-
 def run(cfg) -> dict:
     """Train for `cfg.run.steps` steps; returns the summary (also written to the run dir)."""
     from qerl_rollout.config import config_dict
     from qerl_rollout.rl import group_advantages
-    from qerl_rollout.rl.policy import Policy, TokenBatch
-    from qerl_rollout.sync.weight_sync import WeightSync
+    from qerl_rollout.rl.policy import TokenBatch
     from qerl_rollout.tracking import Tracker
 
     run_dir = _run_dir(cfg)
     config = config_dict(cfg)
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn, eval_data = _task(cfg, model_dir)
-    grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or cfg.rollout.max_tokens)
-    policy = Policy(_policy_config(cfg, model_dir), grpo, cfg.mismatch)
-    resumed = _resume(cfg, run_dir, config, policy, sampler)
-    done, version = (resumed.step, resumed.engine_version) if resumed else (0, 0)
     stop = [tokenizer.eos_token_id]
+    resumed = _resume(cfg, run_dir, config, sampler)   # refused here, before anything starts
+    done, version = (resumed.step, resumed.engine_version) if resumed else (0, 0)
     with ExitStack() as resources:
-        rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir)))
-        baseline = _baseline(cfg, model_dir, resources)
-        if cfg.placement.mode == "local":   # after the engines start: vLLM configures its logging then
-            from qerl_rollout.rollout.engine import route_vllm_logs
+        placement = resources.enter_context(closing(_place(cfg, model_dir, run_dir)))
+        trainer, rollout = placement.trainer, placement.rollout
+        baseline = _baseline(cfg, placement)
+        if resumed:
+            from qerl_rollout import checkpoint
 
-            route_vllm_logs(run_dir / "vllm.log")
+            trainer.load_state_dict(resumed.trainer)
+            checkpoint.set_rng_state(resumed.rng)   # after the engines start: vLLM seeds torch
         tracker = resources.enter_context(Tracker(
             cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
             wandb_id=resumed.wandb_id if resumed else None))
-        sync = WeightSync(rollout.receiver, bucket_bytes=cfg.rollout.bucket_mb << 20)
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
-            sync.push(policy.model, norm_transform=_aqn(cfg, done), version=version)
+            trainer.push(aqn_step=done, version=version)
         try:
             for step in _progress(done, cfg.run.steps):
+                placement.phase("rollout")
                 t0 = time.perf_counter()
                 prompts = sampler.next_batch()
                 prompt_ids = [p.prompt_ids for p in prompts]
@@ -93,38 +75,39 @@ def run(cfg) -> dict:
                 t1 = time.perf_counter()
                 measured = {}
                 if baseline and cfg.rollout.baseline_every and step % cfg.rollout.baseline_every == 0:
-                    measured = baseline.measure(policy.model, rollout, prompt_ids, samples, **sampling)
+                    measured = baseline.measure(rollout, prompt_ids, samples, **sampling)
+                placement.phase("train")
                 t1b = time.perf_counter()
                 rewards, reward_stats = _rewards(samples, prompts, reward_fn, tokenizer,
                                                  cfg.task.reward_errors)
                 batch, logp_rollout = TokenBatch.from_samples(samples, tokenizer.pad_token_id)
                 advantages = group_advantages(rewards, cfg.grpo.group_size,
                                               norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
-                metrics = policy.train_step(batch, advantages, logp_rollout=logp_rollout)
+                metrics = trainer.train_step(batch, advantages, logp_rollout)
                 t2 = time.perf_counter()
+                placement.phase("push")
                 # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
-                report = sync.push(policy.model, norm_transform=_aqn(cfg, step))
+                report = trainer.push(aqn_step=step)
                 logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
                 logged.update(measured)
                 logged.update(reward_stats)
                 if _router_stats_due(cfg, step):
-                    logged.update(_router_metrics(cfg, policy, samples[0]))
+                    logged.update(_router_metrics(cfg, trainer.policy, samples[0]))
                 if eval_data is not None and (step % cfg.eval.every == 0 or step == cfg.run.steps):
-                    logged.update(_eval_metrics(cfg, rollout, baseline, policy, eval_data, reward_fn,
-                                                tokenizer, stop))
+                    logged.update(_eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop))
                 tracker.log(step, logged)
                 _print_step(step, cfg.run.steps, logged)
                 done, version = step, report.version
                 if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
-                    _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
+                    _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
         except KeyboardInterrupt:
             if done > (resumed.step if resumed else 0):
-                path = _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
+                path = _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
                 print(f"interrupted: step {done} is checkpointed in {path}; continue with "
                       f"run.resume=true tracking.run_name={cfg.tracking.run_name}", file=sys.stderr)
             raise
-        _checkpoint(cfg, run_dir, done, version, policy, sampler, tracker, config)
-        policy.save_adapter(run_dir / "adapter")
+        _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
+        trainer.save_adapter(run_dir / "adapter")
         summary = _summary(run_dir)
         summary["report"] = str(_report(run_dir))
         tracker.summary(summary)
@@ -146,18 +129,19 @@ def _report(run_dir: Path) -> Path:
     return write_report(run_dir)
 
 
-def _checkpoint(cfg, run_dir, step, version, policy, sampler, tracker, config) -> Path:
+def _checkpoint(cfg, run_dir, step, version, trainer, sampler, tracker, config) -> Path:
     from qerl_rollout import checkpoint
 
-    state = checkpoint.RunState(step=step, engine_version=version, trainer=policy.state_dict(),
+    state = checkpoint.RunState(step=step, engine_version=version, trainer=trainer.state_dict(),
                                 sampler=sampler.state_dict(), rng=checkpoint.rng_state(),
                                 identity=checkpoint.identity(config), wandb_id=tracker.wandb_id)
-    return checkpoint.save(run_dir, state, policy.save_adapter, keep=cfg.run.keep_checkpoints)
+    return checkpoint.save(run_dir, state, trainer.save_adapter, keep=cfg.run.keep_checkpoints)
 
 
-def _resume(cfg, run_dir: Path, config: dict, policy, sampler):
-    """The checkpoint a `run.resume=true` run continues from (restored into policy, sampler
-    and the RNGs), or None: not resuming, or no complete checkpoint yet (start from step 1)."""
+def _resume(cfg, run_dir: Path, config: dict, sampler):
+    """The checkpoint a `run.resume=true` run continues from (its sampler cursor restored; the
+    caller restores the trainer and the RNGs), or None: not resuming, or no complete checkpoint
+    yet (start from step 1)."""
     if not cfg.run.resume:
         return None
     import json
@@ -174,9 +158,7 @@ def _resume(cfg, run_dir: Path, config: dict, policy, sampler):
         return None
     state, path = found
     checkpoint.check_identity(state.identity, checkpoint.identity(config))
-    policy.load_state_dict(state.trainer)
     sampler.load_state_dict(state.sampler)
-    checkpoint.set_rng_state(state.rng)
     print(f"resume: continuing after step {state.step} from {path}", file=sys.stderr)
     return state
 
@@ -254,33 +236,41 @@ def _policy_config(cfg, model_dir: Path):
                    betas=tuple(cfg.policy.betas))
 
 
-def _baseline(cfg, model_dir: Path, resources: ExitStack):
-    """The BF16 engine that measures the speedup and the accuracy gap (eval.bf16), or None
-    (neither asked for, or the run is already BF16)."""
+def _wants_baseline(cfg) -> bool:
+    """A BF16 engine measures the speedup and the accuracy gap (eval.bf16), unless neither is
+    asked for or the run is already BF16."""
     wanted = cfg.rollout.baseline_every or (cfg.eval.every and cfg.eval.bf16)
-    if not wanted or cfg.rollout.scheme == "bf16":
+    return bool(wanted) and cfg.rollout.scheme != "bf16"
+
+
+def _baseline(cfg, placement):
+    if placement.baseline is None:
         return None
     from qerl_rollout.rollout.baseline import BF16Baseline
 
-    rollout = resources.enter_context(closing(_place_rollout(cfg, model_dir, scheme="bf16")))
-    return BF16Baseline(rollout, bucket_bytes=cfg.rollout.bucket_mb << 20)
+    return BF16Baseline(placement.baseline, push=lambda: placement.trainer.push("baseline"))
 
 
-def _place_rollout(cfg, model_dir: Path, scheme: str | None = None):
-    from qerl_rollout.config import QuantConfig
-
-    r, p = cfg.rollout, cfg.placement
-    quant = QuantConfig(scheme or r.scheme, r.mode)
+def _place(cfg, model_dir: Path, run_dir: Path):
+    """The trainer and the engines, in this process or on Ray (`placement.mode`)."""
+    r = cfg.rollout
+    grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or r.max_tokens)
     engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
-    if p.rollout_num_gpus > 0 or _has_cuda():
-        engine["gpu_memory_utilization"] = r.gpu_memory_utilization
-    if p.mode == "ray":
-        from qerl_rollout.workers.placement import RayRollout
+    if cfg.placement.mode == "local":
+        from qerl_rollout.local import LocalPlacement
+        from qerl_rollout.rollout.engine import route_vllm_logs
 
-        return RayRollout(model_dir, quant, address=p.ray_address, num_cpus=p.rollout_num_cpus,
-                          num_gpus=p.rollout_num_gpus, kv_cache_gib=r.kv_cache_gib, **engine)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.kv_cache_gib))
-    return LocalRollout(model_dir, quant, **engine)
+        if _has_cuda():
+            engine["gpu_memory_utilization"] = r.gpu_memory_utilization
+        placement = LocalPlacement(cfg, model_dir, _policy_config(cfg, model_dir), grpo,
+                                   with_baseline=_wants_baseline(cfg), engine_options=engine)
+        route_vllm_logs(run_dir / "vllm.log")   # after the engines start: vLLM configures its logging then
+        return placement
+    from qerl_rollout.workers.placement import RayPlacement
+
+    engine["gpu_memory_utilization"] = r.gpu_memory_utilization   # read by vLLM on GPUs only
+    return RayPlacement(cfg, model_dir, run_dir, _policy_config(cfg, model_dir), grpo,
+                        with_baseline=_wants_baseline(cfg), engine_options=engine)
 
 
 def _has_cuda() -> bool:
@@ -333,20 +323,9 @@ def _router_stats_due(cfg, step: int) -> bool:
 
 def _aqn(cfg, next_step: int):
     """The norm transform for the push serving 0-based step `next_step` (None: no noise)."""
-    if not cfg.aqn.enabled:
-        return None
-    import torch
+    from qerl_rollout.rl.aqn import norm_transform
 
-    from qerl_rollout.rl.aqn import apply_aqn, aqn_sigma
-
-    a = cfg.aqn
-    sigma = aqn_sigma(next_step, cfg.run.steps, a.sigma_start, a.sigma_end, a.num_intervals)
-    gen = torch.Generator().manual_seed(a.seed * 1_000_003 + next_step)
-
-    def noise(name, tensor):
-        return next(apply_aqn([(name, tensor)], sigma, gen, tuple(a.include), tuple(a.exclude)))[1]
-
-    return noise if sigma > 0 else None
+    return norm_transform(cfg.aqn, cfg.run.steps, next_step)
 
 
 # Policy metrics -> logged names; the IS-weight ones exist only when mismatch.level != none.
@@ -372,7 +351,7 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
     }
 
 
-def _eval_metrics(cfg, rollout, baseline, policy, eval_data, reward_fn, tokenizer, stop) -> dict:
+def _eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop) -> dict:
     """eval/* of the policy the engine now serves (and of its BF16 twin with eval.bf16)."""
     from qerl_rollout.evaluation import evaluate
 
@@ -383,7 +362,7 @@ def _eval_metrics(cfg, rollout, baseline, policy, eval_data, reward_fn, tokenize
         if baseline is None:       # the run itself is BF16: the gap is zero by definition
             out["eval/reward_bf16"], out["eval/reward_gap"] = out["eval/reward"], 0.0
             return out
-        baseline.sync.push(policy.model)
+        baseline.push()
         bf16 = evaluate(baseline.rollout, eval_data, reward_fn, tokenizer, cfg.eval, **args)
         out["eval/reward_bf16"] = bf16["reward"]
         out["eval/reward_gap"] = bf16["reward"] - out["eval/reward"]
@@ -460,11 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from qerl_rollout.layout import LayoutError, WorkerDiedError
+
     try:
         summary = run(cfg)
-    except (FileNotFoundError, FileExistsError) as e:   # run dir taken, model.path wrong, ...
+    except (FileNotFoundError, FileExistsError, LayoutError) as e:   # run dir taken, model.path wrong, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerDiedError as e:
+        print(f"error: {e}; the run's checkpoints are in {cfg.run.output_dir}/{cfg.tracking.run_name}",
+              file=sys.stderr)
+        return 1
     except ValueError as e:
         if not str(e).startswith("cannot resume"):
             raise

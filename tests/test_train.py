@@ -52,7 +52,7 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("placement", ["local", "ray"])
+@pytest.mark.parametrize("placement", ["local", "split"])
 def test_short_run_trains_pushes_and_records(tmp_path, placement):
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=3",
             f"placement.mode={placement}", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
@@ -88,7 +88,9 @@ def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
 
 def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, monkeypatch):
     closed = []
-    real_local = train.LocalRollout
+    from qerl_rollout import local
+
+    real_local = local.LocalRollout
 
     class Recorded(real_local):
         def close(self):
@@ -98,7 +100,7 @@ def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, mon
     def broken_step(self, *args, **kwargs):
         raise RuntimeError("optimizer exploded")
 
-    monkeypatch.setattr(train, "LocalRollout", Recorded)
+    monkeypatch.setattr(local, "LocalRollout", Recorded)
     monkeypatch.setattr("qerl_rollout.rl.policy.Policy.train_step", broken_step)
     cfg = load_config(["config=grpo_tiny_cpu", f"run.output_dir={tmp_path}",
                        "tracking.run_name=r", "run.steps=2", "tracking.wandb_mode=disabled"])

@@ -104,3 +104,21 @@ def aqn_stream(
     sigma = aqn_sigma(step, total_steps, cfg.sigma_start, cfg.sigma_end, cfg.num_intervals)
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     yield from apply_aqn(named_tensors, sigma, generator, cfg.include, cfg.exclude)
+
+
+def norm_transform(cfg: AQNConfig, total_steps: int, next_step: int):
+    """The weight sync's `norm_transform` for the push that serves 0-based step `next_step`,
+    or None (AQN off, or a noise-free interval). Seeded by (cfg.seed, next_step), so every
+    process that builds it for the same step (the driver, a trainer rank) draws the same noise."""
+    if not cfg.enabled:
+        return None
+    sigma = aqn_sigma(next_step, total_steps, cfg.sigma_start, cfg.sigma_end, cfg.num_intervals)
+    if sigma <= 0:
+        return None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + next_step)
+    include, exclude = tuple(cfg.include), tuple(cfg.exclude)
+
+    def noise(name, tensor):
+        return next(apply_aqn([(name, tensor)], sigma, gen, include, exclude))[1]
+
+    return noise

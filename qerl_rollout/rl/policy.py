@@ -364,24 +364,34 @@ class Policy:
 
         Distributed: a collective; every rank returns the full tensors (on the CPU).
         """
-        if self.distributed:
-            return self._full_state_dict()
-        lora = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        return {"lora": lora, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step}
+        if not self.distributed:
+            return {"lora": self.lora_tensors(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    def _full_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+        optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True))
+        return {"lora": self.lora_tensors(), "optimizer": _to_cpu(optim),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "format": "fsdp_full"}
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, whole, on the CPU (distributed: a collective)."""
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        model_sd = get_model_state_dict(self.model, options=options)
-        lora = {n: t.detach().cpu().clone() for n, t in model_sd.items() if n in names}
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        optim = _to_cpu(optim)
-        return {"lora": lora, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "format": "fsdp_full"}
+        if not self.distributed:
+            return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in names}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return {n: t.detach().cpu().clone() for n, t in full.items() if n in names}
+
+    def to_device(self, device: str | torch.device) -> None:
+        """Move parameters, gradients and optimizer state (colocated placement: off the GPU
+        while the engine generates, back for the step)."""
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device)
 
     def load_lora(self, lora: dict[str, torch.Tensor]) -> None:
         """Set every trainable tensor from full (unsharded) values, keyed as `state_dict()['lora']`."""
@@ -416,21 +426,18 @@ class Policy:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
 
-    def save_adapter(self, path: str | Path, lora: dict | None = None) -> None:
-        """Write the LoRA adapter (peft format) to `path`.
-
-        Distributed: pass `lora` (full tensors from `state_dict()`); a sharded model cannot
-        write its own adapter.
-        """
-        if self.distributed:
-            from peft import get_peft_model_state_dict
-
-            if lora is None:
-                raise ValueError("a sharded policy writes its adapter from state_dict()['lora']")
-            adapter = get_peft_model_state_dict(self.model, state_dict=lora)
-            self.model.save_pretrained(str(path), state_dict=adapter)
+    def save_adapter(self, path: str | Path) -> None:
+        """Write the LoRA adapter (peft format) to `path`. Distributed: every rank calls it (the
+        adapters are gathered whole) and rank 0 writes."""
+        if not self.distributed:
+            self.model.save_pretrained(str(path))
             return
-        self.model.save_pretrained(str(path))
+        import torch.distributed as dist
+        from peft import get_peft_model_state_dict
+
+        lora = self.lora_tensors()
+        if dist.get_rank() == 0:
+            self.model.save_pretrained(str(path), state_dict=get_peft_model_state_dict(self.model, state_dict=lora))
 
 
 def _to_cpu(tree):
@@ -441,3 +448,28 @@ def _to_cpu(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_to_cpu(v) for v in tree)
     return tree
+
+
+# Per-rank train_step metrics -> the global batch's: sums, values every rank shares, and
+# token-weighted means of the per-rank means (exact for token means; is_ess and other
+# nonlinear statistics become the weighted mean of the ranks' values).
+_SUMMED = ("loss", "response_tokens")
+_SHARED = ("grad_norm", "lr")
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of one distributed `train_step` from its ranks' metrics (rank order)."""
+    if len(per_rank) == 1:
+        return dict(per_rank[0])
+    weights = [m["response_tokens"] for m in per_rank]
+    total = sum(weights) or 1.0
+    out = {}
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank]
+        if key in _SUMMED:
+            out[key] = sum(values)
+        elif key in _SHARED:
+            out[key] = values[0]
+        else:
+            out[key] = sum(v * w for v, w in zip(values, weights)) / total
+    return out

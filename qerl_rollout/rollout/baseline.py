@@ -1,7 +1,8 @@
 """BF16Baseline: inside a run, how much faster the quantized rollout is, and what it costs.
 
 How it works. The run keeps a second rollout engine serving the policy in BF16 (any placement
-with `generate`, `score` and a `receiver`), with a `WeightSync` of its own. Every
+with `generate`, `score` and a `receiver`), and a `push()` that makes it serve the trainer's
+current weights (a `WeightSync` of its own, wherever the trainer lives). Every
 `rollout.baseline_every` steps the controller calls `measure` right after the quantized
 rollout of the step, before the optimizer step, so both engines hold the same policy: the
 baseline is pushed the current trainer weights (a delta push since its last one), generates
@@ -30,25 +31,25 @@ Left out: a baseline on other hardware than the quantized engine (placement deci
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from qerl_rollout.rl.mismatch import quantization_cost
-from qerl_rollout.sync.weight_sync import WeightSync
 
 
 class BF16Baseline:
-    def __init__(self, rollout, *, bucket_bytes: int, rounds: int = 2):
+    def __init__(self, rollout, push: Callable[[], object], *, rounds: int = 2):
         if rollout.receiver.scheme != "bf16":
             raise ValueError(f"the baseline engine must serve bf16, not {rollout.receiver.scheme}")
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.rollout = rollout
+        self.push = push
         self.rounds = rounds
-        self.sync = WeightSync(rollout.receiver, bucket_bytes=bucket_bytes)
 
-    def measure(self, model, rollout, prompt_token_ids, samples, **sampling) -> dict:
+    def measure(self, rollout, prompt_token_ids, samples, **sampling) -> dict:
         """Metrics for one step whose quantized `rollout` sampled `samples` from these prompts."""
         t0 = time.perf_counter()
-        self.sync.push(model)
+        self.push()
         totals = {"bf16": [0, 0.0], "quant": [0, 0.0]}    # tokens, seconds
         for _ in range(self.rounds):
             for key, engine in (("bf16", self.rollout), ("quant", rollout)):

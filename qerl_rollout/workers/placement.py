@@ -1,52 +1,189 @@
-"""Placing the rollout engine: in a Ray actor, behind the calls the training loop makes.
+"""Placing a run on Ray: the cluster, the placement group, the trainer workers and the engines.
 
-`RayRollout` starts (or joins) a Ray cluster, creates a `RolloutWorker` actor with the
-engine inside it, and offers what the controller needs from any rollout placement:
-`generate(...) -> list[Sample]`, `score(prompts, responses)`, `receiver` (the `WeightReceiver` a `WeightSync` pushes
-into; here through the object store) and `close()`. The in-process twin is
-`train.LocalRollout`. Left out: several rollout actors (data-parallel engines) and GPU
-colocation of trainer and engine (`sleep`/`wake_up` between phases); both go here.
+How it works. `RayPlacement(cfg, model_dir, ...)` joins the cluster `placement.ray_address`
+names (`auto`: the running one) or starts a local one, checks the layout against the model
+and the cluster (`qerl_rollout.layout.plan_layout`: one line if it cannot work, before any
+actor starts), reserves one placement group holding every bundle, and starts in it:
+
+- `trainer`: a `workers.trainer.RayTrainer` of `trainer.num_workers` FSDP2 ranks;
+- `rollout`: an `EnginePool` of `rollout.num_engines` `RolloutWorker` actors, each a vLLM
+  engine with `rollout.tensor_parallel_size` (vLLM shards the pushed tensors itself);
+- `baseline`: a one-engine BF16 `EnginePool` when the run measures against BF16.
+
+`EnginePool.generate` splits the prompts into contiguous blocks, one per engine, and returns
+the samples prompt-major with global prompt indices: every engine got the same seed and the
+same sampling seed per request, so the samples are those one engine would give (vLLM seeds
+each request's n samples seed, seed+1, ...; a prompt's samples do not depend on which other
+prompts share its batch up to the engine's numerics). Pushes go through one
+`RayWeightReceiver` over all engines of a pool: each bucket enters the object store once.
+
+Colocated placement (`phase(name)` before each phase of a step): on GPUs the engines sleep
+(vLLM sleep mode level 1: weights to host memory, KV cache dropped) for "train", wake for
+"push" (the trainer is still on its GPU: merged, quantized tensors go straight into the
+engine), and the trainer's parameters and optimizer state move to host memory for "rollout".
+vLLM-CPU has no sleep mode, so on CPUs both stay resident (logged once).
+
+`close()` kills every actor and removes the placement group; a Ray it started is shut down.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from qerl_rollout.config import QuantConfig
+from qerl_rollout.layout import Layout, Slot, plan_layout
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
+from qerl_rollout.workers.trainer import RayTrainer, _row_blocks, wait_all
 from qerl_rollout.workers.transport import RayWeightReceiver
 
+log = logging.getLogger(__name__)
 
-class RayRollout:
-    def __init__(self, model_dir: str | Path, quant: QuantConfig, *, address: str = "",
-                 num_cpus: float = 1, num_gpus: float = 0, kv_cache_gib: float = 1,
-                 **engine_kwargs):
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-        self.worker = None
+
+class EnginePool:
+    """M rollout engines in Ray actors behind one `generate` / `score` / `receiver`."""
+
+    def __init__(self, workers: list, names: list[str]):
+        self.workers, self.names = workers, names
         try:
-            self.worker = start_rollout_worker(model_dir, quant, num_cpus=num_cpus,
-                                               num_gpus=num_gpus, kv_cache_gib=kv_cache_gib,
-                                               **engine_kwargs)
-            self.receiver = RayWeightReceiver(self.worker)   # waits for the engine to be ready
+            self.receiver = RayWeightReceiver(workers)   # waits for every engine to be ready
+        except ray.exceptions.RayActorError as e:
+            self.close()
+            raise RuntimeError(f"a rollout engine failed to start: {e}") from None
+
+    def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
+        blocks = _blocks(len(prompt_token_ids), len(self.workers))
+        refs = [w.generate.remote(prompt_token_ids[a:b], **sampling) for w, (a, b) in zip(self.workers, blocks)]
+        samples = []
+        for (start, _), part in zip(blocks, wait_all(refs, self.names)):
+            samples += [replace(s, prompt_index=s.prompt_index + start) for s in part]
+        return samples
+
+    def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:
+        blocks = _blocks(len(prompt_token_ids), len(self.workers))
+        refs = [w.score.remote(prompt_token_ids[a:b], response_token_ids[a:b])
+                for w, (a, b) in zip(self.workers, blocks)]
+        return [lp for part in wait_all(refs, self.names) for lp in part]
+
+    def sleep(self) -> None:
+        wait_all([w.sleep.remote() for w in self.workers], self.names)
+
+    def wake_up(self) -> None:
+        wait_all([w.wake_up.remote() for w in self.workers], self.names)
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous prompt blocks, one per engine; with fewer prompts than engines the last
+    engines get none (an engine refuses an empty request)."""
+    return _row_blocks(n, max(1, min(parts, n)))
+
+
+class RayPlacement:
+    """Trainer workers and engines of one run in one placement group (see module docstring)."""
+
+    def __init__(self, cfg, model_dir: Path, run_dir: Path, policy_cfg, grpo, *, with_baseline: bool,
+                 engine_options: dict):
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        self.cfg = cfg
+        self._owns_ray = not ray.is_initialized()
+        self._pg = None
+        self.trainer = self.rollout = self.baseline = None
+        self._remove_pg = remove_placement_group
+        try:
+            self.layout = self._plan(cfg, model_dir, with_baseline)
+            log.info("placement %s", self.layout.describe())
+            self._pg = placement_group(self.layout.bundles, strategy="PACK")
+            ray.get(self._pg.ready(), timeout=600)
+            self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch,
+                                            cfg.aqn, cfg.run.steps)
+            self.rollout = self._engines(model_dir, self.layout.engines, cfg.rollout.scheme, engine_options)
+            self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20)
+            if self.layout.baseline is not None:
+                self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16", engine_options,
+                                              name="baseline engine")
+                self.trainer.connect("baseline", self.baseline.workers, "bf16", cfg.rollout.bucket_mb << 20)
+            self._write_workers(run_dir)
         except BaseException:
             self.close()
             raise
+        self._on_gpu = self.layout.use_gpus
+        if self.layout.mode == "colocated" and not self._on_gpu:
+            log.warning("colocated on CPUs: vLLM-CPU has no sleep mode, so engines and trainer "
+                        "workers stay resident side by side")
 
-    def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
-        return ray.get(self.worker.generate.remote(prompt_token_ids, **sampling))
+    def _plan(self, cfg, model_dir: Path, with_baseline: bool) -> Layout:
+        model_config = json.loads((Path(model_dir) / "config.json").read_text())
+        if not ray.is_initialized():
+            probe = plan_layout(cfg, model_config, {"CPU": float("inf"), "GPU": float("inf")}, with_baseline)
+            address = cfg.placement.ray_address or None
+            # A local cluster gets the logical CPUs the layout asks for, even on a small machine.
+            num_cpus = None if address else max(probe.needs("CPU"), float(os.cpu_count() or 1))
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        return plan_layout(cfg, model_config, _cluster_resources(), with_baseline)
 
-    def score(self, prompt_token_ids: list[list[int]],
-              response_token_ids: list[list[int]]) -> list[list[float]]:
-        return ray.get(self.worker.score.remote(prompt_token_ids, response_token_ids))
+    def _engines(self, model_dir, slots: list[Slot], scheme: str, options: dict, name="engine") -> EnginePool:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        r = self.cfg.rollout
+        quant = QuantConfig(scheme, r.mode)
+        extra = dict(options)
+        if r.tensor_parallel_size > 1:
+            extra["tensor_parallel_size"] = r.tensor_parallel_size
+        if self.layout.mode == "colocated" and self.layout.use_gpus:
+            extra["enable_sleep_mode"] = True
+        workers = [start_rollout_worker(
+            model_dir, quant, num_cpus=s.num_cpus, num_gpus=s.num_gpus, kv_cache_gib=r.kv_cache_gib,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=s.bundle),
+            **extra) for s in slots]
+        infos = ray.get([w.pid.remote() for w in workers])
+        names = [f"{name} {i} (pid {info['pid']} on {info['node']})" for i, info in enumerate(infos)]
+        return EnginePool(workers, names)
+
+    def _write_workers(self, run_dir: Path) -> None:
+        """run_dir/workers.json: every actor's pid and node (to find or kill one)."""
+        rows = {"trainer": self.trainer.infos, "rollout": self.rollout.names,
+                "baseline": self.baseline.names if self.baseline else []}
+        (Path(run_dir) / "workers.json").write_text(json.dumps(rows, indent=1))
+
+    def phase(self, name: str) -> None:
+        """Colocated on GPUs: make room for "train", "push" or "rollout" (else nothing)."""
+        if self.layout.mode != "colocated" or not self._on_gpu:
+            return
+        if name == "train":
+            self.rollout.sleep()
+            self.trainer.to_device("cuda")
+        elif name == "push":
+            self.rollout.wake_up()
+        elif name == "rollout":
+            self.trainer.to_device("cpu")
+        else:
+            raise ValueError(f"unknown phase {name!r}")
 
     def close(self) -> None:
-        if self.worker is not None:
-            ray.kill(self.worker)
-            self.worker = None
+        for part in (self.baseline, self.rollout, self.trainer):
+            if part is not None:
+                part.close()
+        if self._pg is not None:
+            self._remove_pg(self._pg)
+            self._pg = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _cluster_resources() -> dict[str, float]:
+    resources = ray.cluster_resources()
+    gpus_per_node = [n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0),
+            "max_gpus_per_node": max(gpus_per_node, default=0.0)}

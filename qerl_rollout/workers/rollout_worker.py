@@ -51,6 +51,15 @@ class RolloutWorker:
         self.engine = RolloutEngine(model_dir, quant, seed=seed, max_model_len=max_model_len,
                                     **engine_options)
 
+    def pid(self) -> dict:
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    def sleep(self) -> None:
+        self.engine.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
     def info(self) -> dict:
         e = self.engine
         return {"mode": e.mode, "scheme": e.scheme, "version": e.version, "manifest": e.manifest()}
@@ -88,8 +97,14 @@ RolloutWorkerActor = ray.remote(RolloutWorker)
 
 def start_rollout_worker(model_dir: str | Path, quant: QuantConfig | None = None, *,
                          num_cpus: float = 1, num_gpus: float = 0, kv_cache_gib: float = 1,
-                         env_vars: dict[str, str] | None = None, **engine_kwargs):
-    """Create a `RolloutWorker` actor (returns at once; the engine starts in the actor)."""
+                         env_vars: dict[str, str] | None = None, scheduling_strategy=None,
+                         **engine_kwargs):
+    """Create a `RolloutWorker` actor (returns at once; the engine starts in the actor).
+
+    `scheduling_strategy`: e.g. a placement-group bundle (`workers.placement`).
+    """
     env = {**engine_env(kv_cache_gib), **(env_vars or {})}
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     return RolloutWorkerActor.options(**options).remote(str(model_dir), quant, **engine_kwargs)

@@ -107,47 +107,68 @@ def unpack_bucket(packed: PackedBucket) -> list[tuple[str, torch.Tensor]]:
 
 
 class RayWeightReceiver:
-    """A `WeightReceiver` (structurally) driving a `RolloutWorker` actor; see the module docstring."""
+    """A `WeightReceiver` (structurally) driving one or several `RolloutWorker` actors.
 
-    def __init__(self, worker: ray.actor.ActorHandle):
-        self.worker = worker
-        info = ray.get(worker.info.remote())
-        self.mode: str = info["mode"]
-        self.scheme: str = info["scheme"]
-        self._manifest = info["manifest"]
-        self._in_flight: ray.ObjectRef | None = None
+    With several engines (data-parallel rollout), each bucket is put into the object store
+    once and every engine loads the same object; every call waits for all of them. The engines
+    must serve the same model, scheme and mode (checked on construction) and stay at one
+    version. See the module docstring for the pipelining.
+    """
+
+    def __init__(self, workers: ray.actor.ActorHandle | Sequence[ray.actor.ActorHandle]):
+        self.workers = list(workers) if isinstance(workers, (list, tuple)) else [workers]
+        infos = ray.get([w.info.remote() for w in self.workers])
+        first = infos[0]
+        for i, info in enumerate(infos[1:], 1):
+            if (info["mode"], info["scheme"], info["manifest"]) != (first["mode"], first["scheme"],
+                                                                     first["manifest"]):
+                raise ValueError(f"engine {i} serves {info['scheme']}/{info['mode']} or another model "
+                                 f"than engine 0 ({first['scheme']}/{first['mode']})")
+        self.mode: str = first["mode"]
+        self.scheme: str = first["scheme"]
+        self._manifest = first["manifest"]
+        self._in_flight: list[ray.ObjectRef] = []
+
+    @property
+    def worker(self) -> ray.actor.ActorHandle:
+        return self.workers[0]
 
     @property
     def version(self) -> int:
-        return ray.get(self.worker.version.remote())
+        versions = set(ray.get([w.version.remote() for w in self.workers]))
+        if len(versions) != 1:
+            raise RuntimeError(f"the engines serve different weight versions: {sorted(versions)}")
+        return versions.pop()
 
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._manifest)
 
     def begin_update(self, version: int) -> None:
         self._drain(raise_errors=False)
-        ray.get(self.worker.begin_update.remote(version))
+        ray.get([w.begin_update.remote(version) for w in self.workers])
 
     def load(self, named_tensors: Bucket) -> None:
-        ref = ray.put(pack_bucket(named_tensors))   # stored while the previous bucket loads
+        ref = ray.put(pack_bucket(named_tensors))   # stored once, while the previous bucket loads
         self._drain(raise_errors=True)
-        self._in_flight = self.worker.load.remote(ref)
+        self._in_flight = [w.load.remote(ref) for w in self.workers]
 
     def commit(self, version: int) -> None:
         self._drain(raise_errors=True)
-        ray.get(self.worker.commit.remote(version))
+        ray.get([w.commit.remote(version) for w in self.workers])
 
     def abort(self, reason: str) -> None:
         self._drain(raise_errors=False)
-        ray.get(self.worker.abort.remote(reason))
+        ray.get([w.abort.remote(reason) for w in self.workers])
 
     def _drain(self, raise_errors: bool) -> None:
-        """Wait for the bucket in flight; its error is raised once (or dropped on abort)."""
-        pending, self._in_flight = self._in_flight, None
-        if pending is None:
-            return
-        try:
-            ray.get(pending)
-        except Exception:
-            if raise_errors:
-                raise
+        """Wait for the bucket in flight on every engine; the first error is raised once (or
+        dropped on abort)."""
+        pending, self._in_flight = self._in_flight, []
+        errors = []
+        for ref in pending:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                errors.append(e)
+        if errors and raise_errors:
+            raise errors[0]

@@ -18,19 +18,13 @@ import pytest
 
 from qerl_rollout import QuantConfig, WeightSync
 from qerl_rollout.rollout.baseline import BF16Baseline
-from qerl_rollout.train import LocalRollout
+from qerl_rollout.local import LocalRollout
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_sync import lora_policy  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9], [300, 301, 302], [40, 41]]
 SAMPLING = dict(n=4, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
-
-
-class _NeverPushed(BF16Baseline):
-    def __init__(self, rollout):
-        super().__init__(rollout, bucket_bytes=64 << 20)
-        self.sync.push = lambda model: None
 
 
 def test_baseline_measures_speedup_and_kl_of_the_same_policy(tiny_model):
@@ -40,12 +34,12 @@ def test_baseline_measures_speedup_and_kl_of_the_same_policy(tiny_model):
     policy = lora_policy(model_dir)
     WeightSync(quant.receiver).push(policy)
     samples = quant.generate(PROMPTS, **SAMPLING)
-    baseline = BF16Baseline(LocalRollout(model_dir, QuantConfig("bf16"), max_model_len=128),
-                            bucket_bytes=64 << 20)
+    bf16 = LocalRollout(model_dir, QuantConfig("bf16"), max_model_len=128)
+    baseline = BF16Baseline(bf16, push=lambda: WeightSync(bf16.receiver).push(policy))
     try:
-        stale = _NeverPushed(baseline.rollout).measure(policy, quant, PROMPTS, samples, **SAMPLING)
+        stale = BF16Baseline(bf16, push=lambda: None).measure(quant, PROMPTS, samples, **SAMPLING)
         assert baseline.rollout.receiver.version == 0
-        m = baseline.measure(policy, quant, PROMPTS, samples, **SAMPLING)
+        m = baseline.measure(quant, PROMPTS, samples, **SAMPLING)
         assert baseline.rollout.receiver.version == 1          # pushed before generating
         assert m["rollout/speedup_vs_bf16"] > 0 and m["rollout/bf16_tokens_per_s"] > 0
         print({k: round(v, 5) for k, v in m.items()})
@@ -54,7 +48,7 @@ def test_baseline_measures_speedup_and_kl_of_the_same_policy(tiny_model):
         assert m["baseline/seconds"] > 0
         assert stale["quant/kl_vs_bf16"] > 0.05 > 5 * m["quant/kl_vs_bf16"]
         # At another temperature the KL is not defined against `score`: only the speedup.
-        warm = baseline.measure(policy, quant, PROMPTS, samples, **{**SAMPLING, "temperature": 0.7})
+        warm = baseline.measure(quant, PROMPTS, samples, **{**SAMPLING, "temperature": 0.7})
         assert "quant/kl_vs_bf16" not in warm and warm["rollout/speedup_vs_bf16"] > 0
     finally:
         baseline.close()
@@ -66,4 +60,4 @@ def test_baseline_must_serve_bf16(tiny_model):
         receiver = type("R", (), {"scheme": "int8"})()
 
     with pytest.raises(ValueError, match="must serve bf16"):
-        BF16Baseline(Fake(), bucket_bytes=1)
+        BF16Baseline(Fake(), push=lambda: None)

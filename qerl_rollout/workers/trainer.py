@@ -1,0 +1,203 @@
+"""The trainer in Ray actors: `TrainerWorker` is one FSDP2 rank, `RayTrainer` drives N of them.
+
+How it works.
+- `RayTrainer.start(...)` creates N `TrainerWorker` actors in their placement-group bundles,
+  asks rank 0 for an address (its node IP and a free port), and has every rank join one
+  torch.distributed group there (NCCL when the actor sees a GPU, gloo on CPUs) and build its
+  `rl.policy.Policy(distributed=N > 1)`: the same seeded adapters everywhere, sharded with
+  FSDP2. With N = 1 the single rank is a plain, unsharded policy.
+- `train_step(batch, advantages, logp_rollout)` cuts the global batch into N contiguous row
+  blocks (prompt-major, as sampled), sends block i to rank i, and combines the per-rank
+  metrics (`rl.policy.combine_rank_metrics`). The loss is normalised by whole-batch counts
+  that the ranks all-reduce, so the update is the single-process one (up to reduction order).
+- `connect(target, engine_workers, ...)` gives every rank a sharded `WeightSync` for a set of
+  engines ("rollout", "baseline"); rank 0 holds the `RayWeightReceiver` that puts each bucket
+  into the object store once for all of them. `push(target, ...)` runs it on every rank and
+  returns rank 0's report; a transport failure is retried once in full, on every rank.
+- `state_dict()` / `load_state_dict()` / `save_adapter()` speak full tensors (the checkpoint
+  format of a single-process run plus `format="fsdp_full"` for the optimizer).
+- Every call waits for the ranks in the order they finish; the first rank that failed is
+  reported, and a dead actor raises `WorkerDiedError` naming the worker, its pid and node
+  (the surviving ranks are then blocked in a collective: `close()` kills them all).
+- `to_device(...)` moves a rank's state off and back onto its GPU (colocated placement).
+
+The driver never holds the model; its only torch work is slicing the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import replace
+
+import ray
+import torch
+
+from qerl_rollout.layout import Slot, WorkerDiedError
+from qerl_rollout.rl.policy import Policy, TokenBatch, combine_rank_metrics
+from qerl_rollout.sync.weight_sync import TransportError, WeightSync
+from qerl_rollout.workers.transport import RayWeightReceiver
+
+log = logging.getLogger(__name__)
+
+
+class TrainerWorker:
+    """One trainer rank (plain class; `TrainerWorkerActor` is its `ray.remote` form)."""
+
+    def __init__(self, rank: int, world: int, num_threads: int = 1):
+        self.rank, self.world = rank, world
+        torch.set_num_threads(max(1, num_threads))
+        self.policy: Policy | None = None
+        self.syncs: dict[str, WeightSync] = {}
+
+    def info(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    def address(self) -> str:
+        """host:port for the process group's rendezvous (rank 0 only)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, address: str, policy_cfg, grpo, mismatch, aqn, total_steps: int) -> None:
+        cuda = torch.cuda.is_available()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if cuda:
+                torch.cuda.set_device(0)   # Ray shows each actor its own GPU(s)
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{address}",
+                                    rank=self.rank, world_size=self.world)
+        device = policy_cfg.device if policy_cfg.device != "auto" else ("cuda" if cuda else "cpu")
+        self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
+        self.aqn, self.total_steps = aqn, total_steps
+
+    def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
+        receiver = RayWeightReceiver(engine_workers) if self.rank == 0 else None
+        self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme,
+                                        bucket_bytes=bucket_bytes)
+
+    def train_step(self, batch: TokenBatch, advantages, logp_rollout) -> dict:
+        return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
+
+    def push(self, target: str, aqn_step: int | None, version: int | None, full: bool):
+        from qerl_rollout.rl.aqn import norm_transform
+
+        noise = None if aqn_step is None else norm_transform(self.aqn, self.total_steps, aqn_step)
+        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full)
+
+    def state_dict(self) -> dict | None:
+        state = self.policy.state_dict()
+        return state if self.rank == 0 else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state)
+
+    def save_adapter(self, path: str) -> None:
+        self.policy.save_adapter(path)
+
+    def to_device(self, device: str) -> None:
+        self.policy.to_device(device)
+
+
+TrainerWorkerActor = ray.remote(TrainerWorker)
+
+
+def wait_all(refs: list, names: list[str]) -> list:
+    """`ray.get` of every ref, in the order they finish: the first failure is raised at once
+    (a dead actor as `WorkerDiedError` naming it), not after the ranks it blocked time out."""
+    results: list = [None] * len(refs)
+    pending = dict(zip(refs, range(len(refs))))
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        try:
+            results[i] = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WorkerDiedError(f"{names[i]} died: {cause}") from None
+    return results
+
+
+class RayTrainer:
+    """N `TrainerWorker` ranks behind the trainer interface the training loop uses."""
+
+    def __init__(self, workers: list, infos: list[dict]):
+        self.workers = workers
+        self.infos = infos
+        self.names = [f"trainer worker {i['rank']} (pid {i['pid']} on {i['node']})" for i in infos]
+
+    @classmethod
+    def start(cls, slots: list[Slot], placement_group, policy_cfg, grpo, mismatch, aqn,
+              total_steps: int) -> RayTrainer:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        world = len(slots)
+        workers = []
+        for rank, slot in enumerate(slots):
+            strategy = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=slot.bundle)
+            workers.append(TrainerWorkerActor.options(
+                num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, scheduling_strategy=strategy,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(slot.num_cpus)))}},
+            ).remote(rank, world, max(1, int(slot.num_cpus))))
+        infos = ray.get([w.info.remote() for w in workers])
+        trainer = cls(workers, infos)
+        try:
+            address = ray.get(workers[0].address.remote())
+            trainer._all("setup", address, policy_cfg, grpo, mismatch, aqn, total_steps)
+        except BaseException:
+            trainer.close()
+            raise
+        log.info("trainer: %d worker(s): %s", world, "; ".join(trainer.names))
+        return trainer
+
+    def _all(self, method: str, *args) -> list:
+        return wait_all([getattr(w, method).remote(*args) for w in self.workers], self.names)
+
+    # -- the trainer interface ---------------------------------------------------------------
+    def train_step(self, batch: TokenBatch, advantages: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
+        bounds = _row_blocks(len(batch), len(self.workers))
+        refs = [w.train_step.remote(batch.rows(a, b), advantages[a:b], logp_rollout[a:b])
+                for w, (a, b) in zip(self.workers, bounds)]
+        return combine_rank_metrics(wait_all(refs, self.names))
+
+    def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
+        self._all("connect", target, engine_workers, scheme, bucket_bytes)
+
+    def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
+             full: bool = False):
+        try:
+            return self._all("push", target, aqn_step, version, full)[0]
+        except TransportError as e:
+            log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
+            return self._all("push", target, aqn_step, version, True)[0]
+
+    def state_dict(self) -> dict:
+        return self._all("state_dict")[0]
+
+    def load_state_dict(self, state: dict) -> None:
+        self._all("load_state_dict", ray.put(state))
+
+    def save_adapter(self, path) -> None:
+        self._all("save_adapter", str(path))
+
+    def to_device(self, device: str) -> None:
+        self._all("to_device", device)
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def _row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) row blocks, sizes differing by at most one (first ones larger)."""
+    base, extra = divmod(rows, ranks)
+    bounds, start = [], 0
+    for r in range(ranks):
+        stop = start + base + (r < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
