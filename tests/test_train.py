@@ -52,12 +52,41 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("placement", ["local", "split"])
-def test_short_run_trains_pushes_and_records(tmp_path, placement):
+def test_short_run_trains_pushes_and_records(tmp_path):
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=3",
-            f"placement.mode={placement}", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
+            "placement.mode=local", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
     assert train.main(argv) == 0
     run_dir = tmp_path / "r"
+    rows = _check_three_steps(run_dir, "local")
+    # Routers stay BF16; only the quantized layers below them move their inputs a little.
+    assert "router/topk_agreement" not in rows[1]
+    assert 0.5 <= rows[2]["router/topk_exact"] <= rows[2]["router/topk_agreement"] <= 1.0
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("placement", ["split", "colocated"])
+def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
+    """The tiny run on Ray: 2 FSDP2 ranks (gloo), 2 engines, the held-out eval's BF16 engine."""
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=0",
+            f"placement.mode={placement}", "trainer.num_workers=2", "rollout.num_engines=2",
+            "rollout.prompts_per_step=4", "eval.every=3", "tracking.wandb_mode=disabled"]
+    with caplog.at_level("WARNING", logger="qerl_rollout.workers.placement"):
+        assert train.main(argv) == 0
+    run_dir = tmp_path / "r"
+    rows = _check_three_steps(run_dir, placement)
+    assert rows[2]["eval/reward_gap"] == pytest.approx(rows[2]["eval/reward_bf16"] - rows[2]["eval/reward"])
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert [w["rank"] for w in workers["trainer"]] == [0, 1]
+    assert len({w["pid"] for w in workers["trainer"]}) == 2 and len(workers["rollout"]) == 2
+    assert len(workers["baseline"]) == 1
+    from qerl_rollout import checkpoint
+
+    state, _ = checkpoint.latest(run_dir)
+    assert state.step == 3 and state.trainer["format"] == "fsdp_full"
+    assert ("no sleep mode" in caplog.text) == (placement == "colocated")
+
+
+def _check_three_steps(run_dir, placement: str) -> list[dict]:
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # Step k samples from the weights of push k-1 and its own push publishes version k.
@@ -65,13 +94,11 @@ def test_short_run_trains_pushes_and_records(tmp_path, placement):
     assert [r["sync/version"] for r in rows] == [1, 2, 3]
     assert rows[1]["sync/mb"] < rows[0]["sync/mb"]            # delta pushes after the first
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
-    # Routers stay BF16; only the quantized layers below them move their inputs a little.
-    assert "router/topk_agreement" not in rows[1]
-    assert 0.5 <= rows[2]["router/topk_exact"] <= rows[2]["router/topk_agreement"] <= 1.0
+    assert all(0 < r["mismatch/kl_k3"] < 1e-2 for r in rows)   # the engines serve the trainer's policy
     assert json.loads((run_dir / "config.json").read_text())["placement"]["mode"] == placement
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    return rows
 
 
 def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
