@@ -15,7 +15,8 @@ from qerl_rollout.tracking import read_metrics
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_parses(path):
-    required = {"grpo_qwen3_30b": ["model.path=/models/q", "task.path=/data/math.jsonl"]}
+    gpu_run = ["model.path=/models/q", "task.path=/data/math.jsonl"]   # the GPU configs require both
+    required = {"grpo_qwen3_30b": gpu_run, "grpo_qwen3_30b_nvfp4": gpu_run, "grpo_qwen3_8b": gpu_run}
     cfg = load_config([f"config={path.stem}", *required.get(path.stem, [])])
     assert isinstance(cfg, TrainConfig) and cfg.name == path.stem
     assert cfg.grpo.group_size == cfg.rollout.group_size
