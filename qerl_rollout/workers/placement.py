@@ -127,7 +127,8 @@ class RayPlacement:
         model_config = json.loads((Path(model_dir) / "config.json").read_text())
         if not ray.is_initialized():
             probe = plan_layout(cfg, model_config, {"CPU": float("inf"), "GPU": float("inf")}, with_baseline)
-            address = cfg.placement.ray_address or None
+            # "" : a Ray job's driver joins its cluster (RAY_ADDRESS); anything else starts one.
+            address = cfg.placement.ray_address or os.environ.get("RAY_ADDRESS") or None
             # A local cluster gets the logical CPUs the layout asks for, even on a small machine.
             num_cpus = None if address else max(probe.needs("CPU"), float(os.cpu_count() or 1))
             ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
