@@ -27,11 +27,20 @@ def engine_numbers(engine, greedy: bool = True) -> dict:
     return out
 
 
+TP_ENV = "QERL_TEST_TENSOR_PARALLEL"   # vLLM tensor parallelism of the engines these tests build
+
+
+def engine_options() -> dict:
+    tp = int(os.environ.get(TP_ENV, "1"))
+    return {"tensor_parallel_size": tp} if tp > 1 else {}
+
+
 def main(model_dir: str, scheme: str, out_path: str, greedy: str = "1") -> None:
     from qerl_rollout import QuantConfig, RolloutEngine
 
     engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256,
-                           export_dir=os.path.join(os.path.dirname(out_path), "export") if scheme != "bf16" else None)
+                           export_dir=os.path.join(os.path.dirname(out_path), "export") if scheme != "bf16" else None,
+                           **engine_options())
     with open(out_path, "w") as f:
         json.dump(engine_numbers(engine, greedy == "1"), f)
     engine.close()

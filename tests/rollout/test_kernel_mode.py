@@ -10,12 +10,16 @@ started in its own process on an independently written checkpoint: the merged BF
 saved with `save_pretrained` and quantized by the export path (`quant.export`, held bit-exact
 with compressed-tensors by tests/quant). A tolerance here would hide a stale-weights bug: two
 fresh loads of one checkpoint differ by exactly 0. The same runs for a BF16 engine, the other
-engine a run holds, since kernel weight caches (zentorch) reach BF16 layers too.
+engine a run holds, since kernel weight caches (zentorch) reach BF16 layers too. And once for
+an INT8 engine with vLLM tensor parallelism (TP 2: two CPU workers, one core each through
+VLLM_CPU_OMP_THREADS_BIND), whose pushed tensors each worker shards with vLLM's own weight
+loaders, against a fresh TP 2 engine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +33,13 @@ from qerl_rollout.rollout.engine import kernel_supported
 from qerl_rollout.sync.merge import merged_named_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fresh_engine import engine_numbers  # noqa: E402
+from fresh_engine import TP_ENV, engine_numbers, engine_options  # noqa: E402
 from test_engine_sync import lora_policy  # noqa: E402
 
 FRESH = Path(__file__).with_name("fresh_engine.py")
-CASES = [("qwen3_moe", "int8"), ("qwen2_moe", "int8"), ("mixtral", "int8"), ("qwen3_moe", "bf16")]
+CASES = [("qwen3_moe", "int8", 1), ("qwen2_moe", "int8", 1), ("mixtral", "int8", 1), ("qwen3_moe", "bf16", 1),
+         ("qwen3_moe", "int8", 2)]
+TP_BIND = {2: "0|1"}   # one core per TP worker (vLLM-CPU's auto-bind wants a NUMA node per worker)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -63,12 +69,19 @@ def _write_merged(policy, base, model_dir: Path, out: Path) -> Path:
     return out
 
 
-def _fresh(checkpoints: list[Path], scheme: str) -> list[dict]:
+def _tp_env(tp: int) -> dict:
+    if tp == 1:
+        return dict(os.environ)
+    return {**os.environ, TP_ENV: str(tp), "VLLM_CPU_OMP_THREADS_BIND": TP_BIND[tp]}
+
+
+def _fresh(checkpoints: list[Path], scheme: str, tp: int = 1) -> list[dict]:
     """Fresh-engine numbers of each checkpoint, each from its own process (two at a time)."""
     results = []
     for i in range(0, len(checkpoints), 2):
         procs = [(ck, subprocess.Popen([sys.executable, str(FRESH), str(ck), scheme, str(ck / "fresh.json")],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       env=_tp_env(tp)))
                  for ck in checkpoints[i:i + 2]]
         for ck, proc in procs:
             _, err = proc.communicate(timeout=600)
@@ -80,7 +93,7 @@ def _fresh(checkpoints: list[Path], scheme: str) -> list[dict]:
 def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path) -> dict:
     """Engine numbers before and after each of the three pushes, the pushes' reports, and the
     merged checkpoint written after each push."""
-    engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256)
+    engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256, **engine_options())
     mode = engine.mode
     q_dtype = engine.manifest()["model.layers.0.self_attn.q_proj.weight"][1]
     policy = lora_policy(model_dir, family=family)
@@ -100,18 +113,20 @@ def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path) -
             "reports": reports, "checkpoints": checkpoints}
 
 
-def _in_own_process(model_dir: Path, family: str, scheme: str, out_dir: Path) -> dict:
+def _in_own_process(model_dir: Path, family: str, scheme: str, out_dir: Path, tp: int = 1) -> dict:
     out = out_dir / "pushed.json"
     run = subprocess.run([sys.executable, __file__, str(model_dir), family, scheme, str(out_dir)],
-                         capture_output=True, text=True, timeout=600, check=False)
+                         capture_output=True, text=True, timeout=600, check=False, env=_tp_env(tp))
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family, scheme", CASES)
-def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme):
+@pytest.mark.parametrize("family, scheme, tp", CASES)
+def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme, tp):
     model_dir = tiny_model(family)
-    if scheme == "int8":     # in this process, after the other engines of the suite
+    if tp > 1:               # vLLM's TP workers are processes of their own, bound to cores
+        got = _in_own_process(model_dir, family, scheme, tmp_path, tp)
+    elif scheme == "int8":   # in this process, after the other engines of the suite
         got = push_three_times(model_dir, family, scheme, tmp_path)
     else:
         # The BF16 engine pushes in a process of its own: in the pytest process, after ~20
@@ -125,7 +140,7 @@ def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme):
     assert [r["version"] for r in reports] == [1, 2, 3]
     assert [r["full"] for r in reports] == [True, False, False]
     assert reports[2]["bytes_sent"] < 0.5 * reports[1]["bytes_sent"]   # experts stayed home
-    fresh_all = _fresh([Path(c) for c in got["checkpoints"]], scheme)
+    fresh_all = _fresh([Path(c) for c in got["checkpoints"]], scheme, tp)
     for step, (mine, fresh) in enumerate(zip(pushed, fresh_all)):
         assert fresh["mode"] == got["mode"]
         assert mine == fresh, f"push {step + 1} differs from a fresh load of the same weights"
@@ -134,8 +149,6 @@ def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme):
 
 
 if __name__ == "__main__":   # `python test_kernel_mode.py MODEL_DIR FAMILY SCHEME OUT_DIR`
-    import os
-
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     _model, _family, _scheme, _out = sys.argv[1:]
