@@ -67,19 +67,23 @@ def test_short_run_trains_pushes_and_records(tmp_path):
 
 @pytest.mark.parametrize("placement", ["split", "colocated"])
 def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
-    """The tiny run on Ray: 2 FSDP2 ranks (gloo), 2 engines, the held-out eval's BF16 engine."""
+    """The tiny run on Ray: 2 FSDP2 ranks (gloo), 2 engines, and under split the held-out
+    eval's BF16 engine too (a bundle of its own)."""
+    evaluate = placement == "split"
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=0",
             f"placement.mode={placement}", "trainer.num_workers=2", "rollout.num_engines=2",
-            "rollout.prompts_per_step=4", "eval.every=3", "tracking.wandb_mode=disabled"]
+            "rollout.prompts_per_step=4", f"eval.every={3 if evaluate else 0}",
+            "tracking.wandb_mode=disabled"]
     with caplog.at_level("WARNING", logger="qerl_rollout.workers.placement"):
         assert train.main(argv) == 0
     run_dir = tmp_path / "r"
     rows = _check_three_steps(run_dir, placement)
-    assert rows[2]["eval/reward_gap"] == pytest.approx(rows[2]["eval/reward_bf16"] - rows[2]["eval/reward"])
+    if evaluate:
+        assert rows[2]["eval/reward_gap"] == pytest.approx(rows[2]["eval/reward_bf16"] - rows[2]["eval/reward"])
     workers = json.loads((run_dir / "workers.json").read_text())
     assert [w["rank"] for w in workers["trainer"]] == [0, 1]
     assert len({w["pid"] for w in workers["trainer"]}) == 2 and len(workers["rollout"]) == 2
-    assert len(workers["baseline"]) == 1
+    assert len(workers["baseline"]) == int(evaluate)
     from qerl_rollout import checkpoint
 
     state, _ = checkpoint.latest(run_dir)

@@ -40,7 +40,7 @@ from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Layout, Slot, plan_layout
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
-from qerl_rollout.workers.trainer import RayTrainer, _row_blocks, wait_all
+from qerl_rollout.workers.trainer import RayTrainer, row_blocks, wait_all
 from qerl_rollout.workers.transport import RayWeightReceiver
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class EnginePool:
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous prompt blocks, one per engine; with fewer prompts than engines the last
     engines get none (an engine refuses an empty request)."""
-    return _row_blocks(n, max(1, min(parts, n)))
+    return row_blocks(n, max(1, min(parts, n)))
 
 
 class RayPlacement:

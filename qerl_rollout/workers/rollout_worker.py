@@ -16,9 +16,10 @@ How it works.
   submitted during a push waits for the calls before it and then raises
   `EngineStateError` if the update has not committed.
 
-Left out: several engines per actor or tensor-parallel engines spread over actors, GPU
-placement groups (pass `num_gpus` to `start_rollout_worker` for one GPU per actor), and
-restarting a dead actor (the orchestration decides that).
+Placement groups, several engines and tensor parallelism are `workers.placement`'s: an actor
+asks for its bundle (`scheduling_strategy`) and vLLM runs its TP ranks as processes on the
+GPUs (or cores) the actor was given. `sleep` / `wake_up` serve colocated placements on GPUs.
+Left out: restarting a dead actor (the run stops and says which one died).
 """
 
 from __future__ import annotations

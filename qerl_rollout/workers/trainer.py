@@ -158,7 +158,7 @@ class RayTrainer:
 
     # -- the trainer interface ---------------------------------------------------------------
     def train_step(self, batch: TokenBatch, advantages: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
-        bounds = _row_blocks(len(batch), len(self.workers))
+        bounds = row_blocks(len(batch), len(self.workers))
         refs = [w.train_step.remote(batch.rows(a, b), advantages[a:b], logp_rollout[a:b])
                 for w, (a, b) in zip(self.workers, bounds)]
         return combine_rank_metrics(wait_all(refs, self.names))
@@ -192,7 +192,7 @@ class RayTrainer:
         self.workers = []
 
 
-def _row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
+def row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) row blocks, sizes differing by at most one (first ones larger)."""
     base, extra = divmod(rows, ranks)
     bounds, start = [], 0

@@ -14,8 +14,9 @@ How it works.
   round trip is bit-exact for every dtype, NaN payloads and -0.0 included.
   Tensors are detached and made contiguous on the CPU before packing; a GPU tensor is copied
   to the host here (see "GPU transports" below for the path that avoids that).
-- `RayWeightReceiver(worker)` is the trainer-side `WeightReceiver` for a `RolloutWorker`
-  actor, so `WeightSync(RayWeightReceiver(worker)).push(model)` works unchanged. It fetches
+- `RayWeightReceiver(worker)` (or a list of workers: data-parallel engines, each bucket put
+  into the object store once for all) is the trainer-side `WeightReceiver` for `RolloutWorker`
+  actors, so `WeightSync(RayWeightReceiver(worker)).push(model)` works unchanged. It fetches
   `mode`, `scheme` and `manifest()` once on construction; `version` asks the actor each
   time (actor calls run in order, so it is the version after every call already sent).
 - Pipelining. `load(bucket)` puts bucket k into the object store, then waits for bucket
