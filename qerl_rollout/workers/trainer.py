@@ -116,9 +116,17 @@ def wait_all(refs: list, names: list[str]) -> list:
         try:
             results[i] = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
-            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WorkerDiedError(f"{names[i]} died: {cause}") from None
+            raise WorkerDiedError(f"{names[i]} died: {_cause(e)}") from None
     return results
+
+
+def _cause(error: Exception) -> str:
+    """Ray's first line, plus the underlying exception's line when its creation task raised."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    raised = [line for line in lines[1:] if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return lines[0] if not raised else f"{lines[0]} ({raised[-1]})"
 
 
 class RayTrainer:
