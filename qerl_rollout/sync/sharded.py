@@ -50,13 +50,15 @@ def union_over_ranks(names: set[str]) -> set[str]:
     return set().union(*map(set, everyone))
 
 
-def first_error_over_ranks(message: str | None) -> str | None:
-    """The lowest rank's error message, on every rank (so all ranks raise, or none)."""
+def first_error_over_ranks(error: tuple[str, str] | None) -> tuple[str, str] | None:
+    """The lowest rank's (kind, message), on every rank (so all ranks raise, or none); the
+    message names the rank where it came from another one."""
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, message)
-    for rank, m in enumerate(everyone):
-        if m is not None:
-            return m if rank == dist.get_rank() else f"on trainer rank {rank}: {m}"
+    dist.all_gather_object(everyone, error)
+    for rank, found in enumerate(everyone):
+        if found is not None:
+            kind, message = found
+            return kind, message if rank == dist.get_rank() else f"on trainer rank {rank}: {message}"
     return None
 
 

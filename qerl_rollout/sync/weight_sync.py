@@ -164,11 +164,7 @@ class WeightSync:
                     changed = union_over_ranks(changed)
                 resend_norms = norm_transform is not None or self._norms_transformed
                 names = self._names_to_send(plan, changed, resend_norms)
-                self._preflight(model, plan, names, changed)
-            if self.engine is not None:
-                version = self.engine.version + 1 if version is None else version
-                if version <= self.engine.version:
-                    raise PushError(f"version {version} is not newer than the served {self.engine.version}")
+                version = self._preflight(model, plan, names, changed, version)
             try:
                 report = self._stream(model, plan, names, version, full, norm_transform, clock)
             except TransportError as e:
@@ -204,21 +200,41 @@ class WeightSync:
         return {n for n, d in plan.decisions.items()
                 if any(unit_of(ck) in unit_names for ck in d.checkpoint_names)}
 
-    def _preflight(self, model: nn.Module, plan: QuantPlan, names: set[str], changed: set[str]):
+    def _preflight(self, model: nn.Module, plan: QuantPlan, names: set[str], changed: set[str],
+                   version: int | None) -> int | None:
+        """Check the push before the engine is touched; returns the version it will serve.
+
+        A sharded sync agrees on the outcome first, so every rank raises or none does (a rank
+        that raised alone would leave the others waiting in the push's collectives).
+        """
         error = None
         try:
             self._check_tensors(model, plan, changed)
             if self.engine is not None:
+                version = self._next_version(version)
                 if self._manifest is None:
                     self._manifest = self.engine.manifest()
                 expected = self._expected_shapes(plan, names)
                 self._check_manifest(expected, full=len(names) == len(plan.decisions))
         except PushError as e:
-            error = str(e)
+            error = ("push", str(e))
+        except Exception as e:         # the engine or its transport failed to answer
+            if not self.sharded:
+                raise TransportError(f"{type(e).__name__}: {e}") from e
+            error = ("transport", f"{type(e).__name__}: {e}")
         if self.sharded:
             error = first_error_over_ranks(error)
         if error:
-            raise PushError(error)
+            kind, message = error
+            raise (PushError if kind == "push" else TransportError)(message)
+        return version
+
+    def _next_version(self, version: int | None) -> int:
+        served = self.engine.version
+        version = served + 1 if version is None else version
+        if version <= served:
+            raise PushError(f"version {version} is not newer than the served {served}")
+        return version
 
     def _check_tensors(self, model: nn.Module, plan: QuantPlan, changed: set[str]) -> None:
         unknown = sorted(n for n in changed if n not in plan.decisions)
@@ -274,8 +290,8 @@ class WeightSync:
                 pass
             return None
         sent = n_buckets = n_tensors = 0
-        _engine_call(self.engine.begin_update, version)
         try:
+            _engine_call(self.engine.begin_update, version)
             for bucket in buckets(encoded, self.bucket_bytes):
                 with clock.phase("load"):
                     _engine_call(self.engine.load, bucket)
@@ -294,9 +310,13 @@ class WeightSync:
         return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets)
 
     def _abort(self, encoded: Iterator, reason: str) -> None:
-        """Tell the engine; a sharded rank 0 also finishes the walk, so the other ranks'
-        collectives complete and they return (the error is rank 0's to raise)."""
-        self.engine.abort(reason)
+        """A sharded rank 0 first finishes the walk, so the other ranks' collectives complete
+        and they return (the error is rank 0's to raise); then the engine is told. An engine
+        that cannot be told (a dead one) is logged: the push's own error is what is raised."""
         if self.sharded:
             for _ in encoded:
                 pass
+        try:
+            self.engine.abort(reason)
+        except Exception as e:
+            log.warning("the engine could not be told to abort: %s: %s", type(e).__name__, e)

@@ -136,6 +136,7 @@ class RayTrainer:
         self.workers = workers
         self.infos = infos
         self.names = [f"trainer worker {i['rank']} (pid {i['pid']} on {i['node']})" for i in infos]
+        self._engines: dict[str, tuple[list, list[str]]] = {}
 
     @classmethod
     def start(cls, slots: list[Slot], placement_group, policy_cfg, grpo, mismatch, aqn,
@@ -171,14 +172,21 @@ class RayTrainer:
                 for w, (a, b) in zip(self.workers, bounds)]
         return combine_rank_metrics(wait_all(refs, self.names))
 
-    def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
+    def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
+                names: list[str] | None = None) -> None:
+        """Give every rank a sync into these engines (`names` for errors about them)."""
         self._all("connect", target, engine_workers, scheme, bucket_bytes)
+        self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
     def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
              full: bool = False):
+        """Push on every rank; rank 0's report. A transport failure: a dead engine is named
+        (`WorkerDiedError`), anything else is retried once in full."""
         try:
             return self._all("push", target, aqn_step, version, full)[0]
         except TransportError as e:
+            workers, names = self._engines[target]
+            wait_all([w.pid.remote() for w in workers], names)
             log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
             return self._all("push", target, aqn_step, version, True)[0]
 

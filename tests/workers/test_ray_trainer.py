@@ -10,7 +10,8 @@
   entry, wherever |g| is clear of that error (entries within it may flip the sign of their
   update); those entries must be almost all of them (> 99%).
 - A push from the sharded trainer into a 2-engine pool reaches both engines; 2 engines give
-  the same samples as 1 engine for the same prompts and seeds.
+  the same samples as 1 engine for the same prompts and seeds. A push into a pool with a dead
+  engine names it, and leaves both ranks able to push again (neither waits in a collective).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ray
 import torch
 
 from qerl_rollout.config import QuantConfig
-from qerl_rollout.layout import Slot
+from qerl_rollout.layout import Slot, WorkerDiedError
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.policy import Policy, PolicyConfig, TokenBatch
 from qerl_rollout.workers import start_rollout_worker
@@ -130,6 +131,11 @@ def test_two_engines_sample_what_one_engine_samples_after_a_sharded_push(trainer
         print(f"max |dlogp| 1 vs 2 engines: {gap:.2e}")
         assert gap == 0.0
         assert one.score(PROMPTS, [s.token_ids for s in a[::4]]) == two.score(PROMPTS, [s.token_ids for s in a[::4]])
+        # A dead engine is named, and the ranks are left in step: the next push works.
+        ray.kill(two.workers[1])
+        with pytest.raises(WorkerDiedError, match="engine 1 died"):
+            trainer.push("two")
+        assert trainer.push("one").version == 2
     finally:
         one.close()
         two.close()
