@@ -135,9 +135,10 @@ def _quantizes_locally(piece: Piece, plan: QuantPlan, scheme: str, world: int) -
 
 def _local_pieces(plan: QuantPlan, shards: Iterator[Shard], rank: int, counts: dict) -> Iterator[Piece]:
     for sh in shards:
+        if sh.tensor.dim() == 0:   # no rows to split, and the others' empty share has no shape
+            raise NotImplementedError(f"{sh.name}: the sharded sync does not carry 0-d trainer tensors "
+                                      "(no supported family has one)")
         t = sh.tensor if not sh.replicated or rank == 0 else sh.tensor[:0]   # rank 0 sends it whole
-        if sh.rows and t.dim() == 0:
-            raise NotImplementedError(f"{sh.name}: a 0-d trainer tensor cannot be sharded")
         counts["bytes_bf16"] += torch.Size(plan[sh.name].shape).numel() * t.element_size()
         first_expert = sh.start if sh.name in plan.splits else 0
         for names, chunk in plan.checkpoint_stacks(sh.name, t, first_expert=first_expert):

@@ -150,7 +150,7 @@ class RayPlacement:
             model_dir, quant, num_cpus=s.num_cpus, num_gpus=s.num_gpus, kv_cache_gib=r.kv_cache_gib,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=s.bundle),
             **extra) for s in slots]
-        infos = wait_all([w.pid.remote() for w in workers], [f"{name} {i}" for i in range(len(workers))])
+        infos = wait_all([w.process.remote() for w in workers], [f"{name} {i}" for i in range(len(workers))])
         names = [f"{name} {i} (pid {info['pid']} on {info['node']})" for i, info in enumerate(infos)]
         return EnginePool(workers, names)
 

@@ -52,7 +52,8 @@ class RolloutWorker:
         self.engine = RolloutEngine(model_dir, quant, seed=seed, max_model_len=max_model_len,
                                     **engine_options)
 
-    def pid(self) -> dict:
+    def process(self) -> dict:
+        """This actor's pid and node (for naming it in errors and workers.json)."""
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
     def sleep(self) -> None:

@@ -186,7 +186,7 @@ class RayTrainer:
             return self._all("push", target, aqn_step, version, full)[0]
         except TransportError as e:
             workers, names = self._engines[target]
-            wait_all([w.pid.remote() for w in workers], names)
+            wait_all([w.process.remote() for w in workers], names)
             log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
             return self._all("push", target, aqn_step, version, True)[0]
 
