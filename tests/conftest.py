@@ -23,6 +23,13 @@ from qerl_rollout.tiny import FAMILIES, build_tiny_model
 MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 
 
+def pytest_report_header(config):
+    """The first line of a run names the machine: the suite must pass on each CPU kind."""
+    from qerl_rollout.rollout.platform import platform_line
+
+    return [platform_line()]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: `tiny_model(family, seed=0)` -> Path of a cached tiny checkpoint."""

@@ -72,6 +72,15 @@ def unit_of(checkpoint_name: str) -> str:
     return ".".join(parts)
 
 
+_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
+
+
+def carries_experts(names: Iterable[str]) -> bool:
+    """Whether checkpoint names include a fused-MoE expert tensor (`...mlp.experts.3.up_proj...`;
+    DeepSeek's `shared_experts` are plain linear layers and do not count)."""
+    return any(_EXPERT_TENSOR.search(n) for n in names)
+
+
 def layer_of(name: str) -> str:
     """`model.layers.3` for any tensor inside decoder layer 3, else '' (embeddings, head)."""
     m = _LAYER.match(name)
@@ -217,8 +226,11 @@ def transform_norms(payload: list[tuple[str, torch.Tensor]], plan: QuantPlan,
 _COMPRESSED_KEYS = ("weight_packed", "weight_scale", "weight_global_scale")
 
 
+_QUANTIZED_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)   # fp8_* and int8 keep `x.weight`
+
+
 def _is_compressed(key: str, t: torch.Tensor) -> bool:
-    return key in _COMPRESSED_KEYS or (key == "weight" and t.dtype == torch.float8_e4m3fn)
+    return key in _COMPRESSED_KEYS or (key == "weight" and t.dtype in _QUANTIZED_WEIGHT_DTYPES)
 
 
 def decode_payload(

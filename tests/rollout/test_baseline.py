@@ -1,6 +1,7 @@
 """BF16Baseline on real engines: it measures the speedup and the KL against the same policy.
 
-The quantized engine serves INT8 through vLLM's kernels; the baseline serves BF16. After a push
+The quantized engine serves INT8 (through vLLM's kernels where this CPU has them, emulated
+elsewhere); the baseline serves BF16. After a push
 of a policy far from the checkpoint (LoRA B ~ N(0, 0.2) on attention and experts), a measuring
 baseline is pushed the same policy, so the KL it reports is only quantization's: measured
 ~5e-4 (k3) on the 0.43B model and below 1e-2 here. A baseline that is never pushed compares the
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from qerl_rollout import QuantConfig, WeightSync
-from qerl_rollout.rollout.baseline import BF16Baseline
 from qerl_rollout.local import LocalRollout
+from qerl_rollout.rollout.baseline import BF16Baseline
+from qerl_rollout.rollout.platform import kernel_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_engine_sync import lora_policy  # noqa: E402
@@ -30,7 +32,7 @@ SAMPLING = dict(n=4, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
 def test_baseline_measures_speedup_and_kl_of_the_same_policy(tiny_model):
     model_dir = tiny_model("qwen3_moe")
     quant = LocalRollout(model_dir, QuantConfig("int8"), max_model_len=128)
-    assert quant.engine.mode == "kernel"
+    assert quant.engine.mode == kernel_paths()["int8"]
     policy = lora_policy(model_dir)
     WeightSync(quant.receiver).push(policy)
     samples = quant.generate(PROMPTS, **SAMPLING)

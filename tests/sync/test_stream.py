@@ -65,7 +65,7 @@ def test_units_are_whole_and_never_repeat(qwen3):
     assert sum(len(p.names) for p in experts.pieces) == 8 * 3   # gate, up, down of 8 experts
 
 
-@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "nvfp4"])
+@pytest.mark.parametrize("scheme", ["fp8_block", "fp8_channel", "int8", "nvfp4"])
 def test_decode_of_encode_is_the_qdq_of_every_quantized_tensor(qwen3, scheme):
     plan, us = _units(qwen3, scheme)
     sd = qwen3.state_dict()
