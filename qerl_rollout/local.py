@@ -4,9 +4,10 @@
 `workers.placement.RayPlacement`):
 
     trainer    train_step(batch, advantages, logp_rollout) -> metrics
-               push(target, aqn_step=, version=, full=) -> SyncReport
+               push(target, aqn_step=, version=, full=, digest=) -> SyncReport
+               reference_logprobs(probe, scheme) -> per-token logprobs, or None
                state_dict() / load_state_dict(state) / save_adapter(path)
-    rollout    generate(prompt_ids, **sampling) -> [Sample], score(...), receiver
+    rollout    generate(prompt_ids, **sampling) -> [Sample], score(...), score_each(...), receiver
     baseline   the BF16 engine, or None
     phase(name)  nothing to do in one process
     close()
@@ -36,6 +37,9 @@ class LocalRollout:
     def score(self, prompt_token_ids, response_token_ids):
         return self.engine.score(prompt_token_ids, response_token_ids)
 
+    def score_each(self, prompt_token_ids, response_token_ids):
+        return [self.engine.score(prompt_token_ids, response_token_ids)]
+
     def close(self):
         self.engine.close()
 
@@ -57,11 +61,18 @@ class LocalTrainer:
         return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
 
     def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
-             full: bool = False):
+             full: bool = False, digest: bool = False):
         from qerl_rollout.rl.aqn import norm_transform
 
         noise = None if aqn_step is None else norm_transform(self.aqn, self.total_steps, aqn_step)
-        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full)
+        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full,
+                                       digest=digest)
+
+    def reference_logprobs(self, probe, scheme: str):
+        """The push check's reference: the probe under the policy's QDQ copy (`sync.verify`)."""
+        from qerl_rollout.sync.verify import reference_logprobs
+
+        return reference_logprobs(self.policy.model, scheme, probe)
 
     def state_dict(self) -> dict:
         return self.policy.state_dict()

@@ -63,6 +63,7 @@ def run(cfg) -> dict:
             wandb_id=resumed.wandb_id if resumed else None))
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
             trainer.push(aqn_step=done, version=version)
+        check = _push_check(cfg, placement)
         try:
             for step in _progress(done, cfg.run.steps):
                 placement.phase("rollout")
@@ -88,8 +89,13 @@ def run(cfg) -> dict:
                 t2 = time.perf_counter()
                 placement.phase("push")
                 # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
-                report = trainer.push(aqn_step=step)
+                verify = check.due(step)
+                report = trainer.push(aqn_step=step, digest=verify)
                 logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
+                if verify:
+                    logged.update(check.run(
+                        trainer, rollout, report, samples, noisy=_aqn(cfg, step) is not None,
+                        push_again=lambda s=step: trainer.push(aqn_step=s, full=True, digest=True)))
                 logged.update(measured)
                 logged.update(reward_stats)
                 if _router_stats_due(cfg, step):
@@ -332,6 +338,16 @@ def _step_seed(cfg, step: int) -> int:
     return (cfg.run.seed * 1_000_003 + step) * cfg.rollout.group_size
 
 
+def _push_check(cfg, placement):
+    """The push check of this run's rollout engines (`sync.verify`; sync.verify_every=0: never due)."""
+    from qerl_rollout.rollout.platform import platform_line
+    from qerl_rollout.sync.verify import PushCheck
+
+    s = cfg.sync
+    return PushCheck(s.verify_every, s.verify_tol, s.verify_logits, scheme=cfg.rollout.scheme,
+                     mode=placement.rollout.receiver.mode, platform=platform_line(short=True))
+
+
 def _router_stats_due(cfg, step: int) -> bool:
     """Router agreement compares BF16 with the quantized copy: nothing to compare under bf16."""
     every = cfg.run.router_stats_every
@@ -457,12 +473,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from qerl_rollout.layout import LayoutError, WorkerDiedError
+    from qerl_rollout.rollout.platform import platform_line
+    from qerl_rollout.sync.verify import StalePushError
 
+    print(platform_line(), file=sys.stderr, flush=True)
     try:
         summary = run(cfg)
     except (FileNotFoundError, FileExistsError, LayoutError) as e:   # run dir taken, model.path wrong, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StalePushError as e:
+        print(f"error: {e}; nothing was written after the failed check, so the checkpoints in "
+              f"{cfg.run.output_dir}/{cfg.tracking.run_name} hold only weights from before it", file=sys.stderr)
+        return 1
     except WorkerDiedError as e:
         print(f"error: {e}; the run's checkpoints are in {cfg.run.output_dir}/{cfg.tracking.run_name}",
               file=sys.stderr)

@@ -10,6 +10,7 @@ import torch
 
 from qerl_rollout import train
 from qerl_rollout.config import CONFIG_DIR, TrainConfig, load_config
+from qerl_rollout.sync.verify import VERIFY_TOL
 from qerl_rollout.tracking import read_metrics
 
 
@@ -55,10 +56,16 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
 
 def test_short_run_trains_pushes_and_records(tmp_path):
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=3",
-            "placement.mode=local", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline"]
+            "placement.mode=local", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline",
+            "sync.verify_every=2"]
     assert train.main(argv) == 0
     run_dir = tmp_path / "r"
     rows = _check_three_steps(run_dir, "local")
+    # The push check ran on the first push and on step 2's, both halves, within the tolerance.
+    assert ["sync/verify_hash_ok" in r for r in rows] == [True, True, False]
+    for row in rows[:2]:
+        assert row["sync/verify_hash_ok"] == 1.0 and row["sync/verify_repushed"] == 0
+        assert 0 <= row["sync/verify_max_dlogp"] < VERIFY_TOL
     # Routers stay BF16; only the quantized layers below them move their inputs a little.
     assert "router/topk_agreement" not in rows[1]
     assert 0.5 <= rows[2]["router/topk_exact"] <= rows[2]["router/topk_agreement"] <= 1.0
@@ -89,6 +96,9 @@ def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
     state, _ = checkpoint.latest(run_dir)
     assert state.step == 3 and state.trainer["format"] == "fsdp_full"
     assert ("no sleep mode" in caplog.text) == (placement == "colocated")
+    # The first push's check: both engines hold exactly what was sent; a 2-rank trainer holds no
+    # whole policy, so the logits half does not run there.
+    assert rows[0]["sync/verify_hash_ok"] == 1.0 and "sync/verify_max_dlogp" not in rows[0]
 
 
 def _check_three_steps(run_dir, placement: str) -> list[dict]:
@@ -139,6 +149,45 @@ def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, mon
     with pytest.raises(RuntimeError, match="optimizer exploded"):
         train.run(cfg)
     assert closed == [True, True]    # the rollout engine and the BF16 one of eval.bf16
+    assert read_metrics(tmp_path / "r") == []
+
+
+def _drop_one_layer(engine_module, monkeypatch):
+    """A transport that loses `model.layers.1.self_attn.o_proj` on every push."""
+    load = engine_module.RolloutEngine.load
+    monkeypatch.setattr(engine_module.RolloutEngine, "load", lambda self, bucket: load(
+        self, [(n, t) for n, t in bucket if "layers.1.self_attn.o_proj." not in n]))
+
+
+def _corrupt_after_arrival(engine_module, monkeypatch):
+    """An engine that receives the right bytes but loads one layer wrong (what a stale kernel
+    cache looks like from outside): the hash half passes, the logits half must not."""
+    decode = engine_module.decode_payload
+
+    def decode_wrong(payload, scheme, shapes):
+        return [(n, t * 2 if n == "model.layers.0.self_attn.o_proj.weight" else t)
+                for n, t in decode(payload, scheme, shapes)]
+
+    monkeypatch.setattr(engine_module, "decode_payload", decode_wrong)
+
+
+@pytest.mark.parametrize("fault, names", [(_drop_one_layer, "did not load 2 tensor(s)"),
+                                          (_corrupt_after_arrival, "max |dlogp|")])
+def test_a_stale_engine_stops_the_run_at_the_first_check(tmp_path, monkeypatch, capsys, fault, names):
+    """Induced staleness: the first push's check fails, the full re-push fails it again, the
+    run stops with one line naming the engine and the platform, and nothing of that step is
+    recorded. A working engine logs the same check within the tolerance (the short run above)."""
+    import qerl_rollout.rollout.engine as engine_module
+
+    fault(engine_module, monkeypatch)
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2",
+            "rollout.prompts_per_step=2", "eval.every=0", "tracking.wandb_mode=disabled"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith("CPU ")                 # the platform, first
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert "the fp8_block/emulate engine does not serve the pushed weights (version 2" in line
+    assert names in line and "vLLM platform" in line and "AMX" in line
     assert read_metrics(tmp_path / "r") == []
 
 

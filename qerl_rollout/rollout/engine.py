@@ -17,9 +17,18 @@ How it works.
   calls, each a `reload_weights` through vLLM's layerwise reload (which processes each layer
   once all of its tensors arrived), then `commit(v)`, which resets the prefix cache (cached KV
   of the old weights would otherwise be reused) and publishes version v. Before that it runs
-  `clear_kernel_caches` in the engine process: zentorch (AMD Zen) caches reordered weights by
-  buffer address, which a reload reuses. `abort` after a partial load marks the engine
-  broken: it refuses to generate until a push commits.
+  `clear_kernel_caches` in the engine process: zentorch (AMD Zen 4/5) caches reordered weights
+  by buffer address, which a reload reuses. Its linear cache is cleared after every reload,
+  its MoE cache only after a reload that carried experts. Measured on an AMD EPYC with
+  zentorch: flushing both after every push made full pushes, pushes carrying the experts, and
+  all INT8 pushes exact, but BF16 and emulate engines that took attention-only or norm-only
+  deltas (the experts untouched, their cache flushed) were 0.028-0.084 away from a fresh load;
+  the flush under unchanged BF16 experts is the one thing the stale pushes had alone (the
+  fix follows from that; it was not re-measured on such a machine, see the README). Because
+  that cache is one for every MoE layer, the sync sends all layers' experts or none
+  (`WeightSync._names_to_send`). `begin_update(v, digest=True)` also records a digest of
+  every tensor loaded (`received_digests`, the push check's exact half). `abort` after a
+  partial load marks the engine broken: it refuses to generate until a push commits.
 - Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
   (oneDNN GEMM, `CPUExpertsInt8`) and on AMD Zen with zentorch; FP8 and NVFP4 emulate.
 
@@ -43,6 +52,7 @@ rank), LoRA served unmerged, and speculative decoding.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import logging
@@ -55,7 +65,8 @@ import torch
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.rollout.types import EngineStateError, Sample
-from qerl_rollout.sync.stream import decode_payload
+from qerl_rollout.sync.bucket import digests
+from qerl_rollout.sync.stream import carries_experts, decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +136,8 @@ def _cpu_kernel_supported(scheme: str) -> tuple[bool, str]:
         return True, "AMD Zen CPU with zentorch (ZentorchInt8ScaledMMLinearKernel, ZenCPUExpertsInt8)"
     if torch.cpu._is_amx_tile_supported():
         return True, "x86 CPU with AMX (oneDNN int8 GEMM, CPUExpertsInt8)"
-    return False, ("no INT8 MoE kernel on this CPU: vLLM-CPU needs Intel AMX or an AMD Zen CPU with "
-                   "zentorch installed (scripts/setup.sh installs it on AMD)")
+    return False, ("no INT8 MoE kernel on this CPU: vLLM-CPU needs Intel AMX, or an AMD CPU with "
+                   "AVX-512 (Zen 4/5) and zentorch installed (scripts/setup.sh installs it there)")
 
 
 def _zentorch_cache_ops() -> list:
@@ -140,20 +151,26 @@ def _zentorch_cache_ops() -> list:
     return found if len(found) == len(names) else []
 
 
-def clear_kernel_caches(model: torch.nn.Module | None = None) -> int:
+def clear_kernel_caches(model: torch.nn.Module | None = None, *, experts_reloaded: bool = True) -> int:
     """Drop kernel caches that key reordered weights by buffer address; returns how many ran.
 
     vLLM's layerwise reload copies new values into the old parameter storage, and ZenDNN
     (zentorch) caches its reordered copy of each weight by that storage's address, so after a
     reload zentorch would keep computing with the old weights (linear and MoE, INT8 and
-    BF16: max |dlogp| 0.4-1.3 against a fresh load, measured on AMD EPYC). Clearing both of
-    its caches after a reload restores exact equality with a fresh load. Runs in the engine
-    process (through `apply_model`, whose argument it ignores); a no-op without zentorch.
+    BF16: max |dlogp| 0.4-1.3 against a fresh load, measured on AMD EPYC). Clearing its
+    linear cache after every reload, and its MoE cache after a reload that carried experts,
+    restores exact equality with a fresh load. The MoE cache is left alone when no expert
+    changed (see the module docstring: flushing it under unchanged BF16 experts is what
+    served attention-only and norm-only pushes wrong). Runs in the engine process (through
+    `apply_model`, whose first argument it ignores); a no-op without zentorch.
     """
     ops = _zentorch_cache_ops()
+    if not experts_reloaded:
+        ops = ops[:1]            # zentorch_clear_weight_cache only
     for op in ops:
         op()
     return len(ops)
+
 
 
 def resolve_mode(quant: QuantConfig) -> str:
@@ -333,7 +350,8 @@ class RolloutEngine:
         self.llm = LLM(model=str(load_dir), **options)
         self.version = 0
         self._updating: int | None = None
-        self._loaded_in_update = False
+        self._loaded_in_update = self._experts_in_update = False
+        self._digests_in_update = self._received_digests = None
         self._broken: str | None = None
         if self._on_cpu:
             n = self.llm.apply_model(_install_cpu_moe_reload_fix)[0]
@@ -371,16 +389,23 @@ class RolloutEngine:
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._manifest)
 
-    def begin_update(self, version: int) -> None:
+    def begin_update(self, version: int, digest: bool = False) -> None:
+        """`digest`: record `sync.bucket.digests` of every tensor this update loads, as it
+        arrives (before an emulate engine decodes it); `received_digests` returns them."""
         if version < self.version:
             raise ValueError(f"version {version} is older than the served version {self.version}")
+        self._digests_in_update = {} if digest else None
         self._updating = version
         self._loaded_in_update = False
+        self._experts_in_update = False
 
     def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self._updating is None:
             raise EngineStateError("load() outside begin_update()/commit()")
         self._loaded_in_update = True
+        self._experts_in_update |= carries_experts(name for name, _ in named_tensors)
+        if self._digests_in_update is not None:
+            self._digests_in_update.update(digests(named_tensors))
         if self.mode == "emulate" and self.quant.quantized:
             named_tensors = decode_payload(named_tensors, self.scheme, self._shapes)
         with _quiet_partial_reload():
@@ -390,11 +415,17 @@ class RolloutEngine:
         if self._updating != version:
             raise EngineStateError(f"commit({version}) does not match begin_update({self._updating})")
         if self._loaded_in_update:
-            self.llm.apply_model(clear_kernel_caches)
+            self.llm.apply_model(functools.partial(clear_kernel_caches,
+                                                   experts_reloaded=self._experts_in_update))
         self.llm.reset_prefix_cache()
         self.version = version
         self._updating = None
         self._broken = None
+        self._received_digests = self._digests_in_update
+
+    def received_digests(self) -> dict[str, str] | None:
+        """Digests of what the last committed update loaded, if it was begun with `digest`."""
+        return self._received_digests
 
     def abort(self, reason: str) -> None:
         if self._loaded_in_update:

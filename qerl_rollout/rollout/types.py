@@ -2,7 +2,8 @@
 
 `Sample` is what generation returns. `WeightReceiver` is everything a weight sync needs from
 an engine, in-process or behind a transport: what it expects (`manifest`), and a three-step
-update (`begin_update`, `load` one bucket at a time, `commit`), or `abort` on failure.
+update (`begin_update`, `load` one bucket at a time, `commit`), or `abort` on failure; a push
+check also reads back what the engine received (`received_digests`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ class WeightReceiver(Protocol):
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Checkpoint name -> (shape, dtype) of every tensor the engine accepts in `load`."""
 
-    def begin_update(self, version: int) -> None: ...
+    def begin_update(self, version: int, digest: bool = False) -> None:
+        """`digest=True` (asked only by push checks): remember the digests of what this update
+        loads (`sync.bucket.digests`) for `received_digests()`."""
+
+    def received_digests(self) -> dict[str, str] | list[dict[str, str]] | None:
+        """What the last committed update loaded, by name (one dict per engine behind a pool)."""
 
     def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         """Load one bucket; it holds whole engine layers (never part of a fused layer)."""

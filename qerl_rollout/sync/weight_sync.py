@@ -43,10 +43,18 @@ from torch import nn
 
 from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.rollout.types import WeightReceiver
-from qerl_rollout.sync.bucket import buckets, nbytes
+from qerl_rollout.sync.bucket import buckets, digests, nbytes
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
-from qerl_rollout.sync.stream import NormTransform, all_finite, encode_unit, pieces, unit_of, units
+from qerl_rollout.sync.stream import (
+    NormTransform,
+    all_finite,
+    carries_experts,
+    encode_unit,
+    pieces,
+    unit_of,
+    units,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -80,6 +88,7 @@ class SyncReport:
     buckets: int
     seconds: dict[str, float] = field(default_factory=dict)
     retried: bool = False
+    digests: dict[str, str] | None = None   # name -> digest of what was sent (push(digest=True))
 
     @property
     def wire_ratio(self) -> float:
@@ -144,14 +153,15 @@ class WeightSync:
         self._norms_transformed = False   # the engine's norms differ from the trainer's
 
     # -- public ---------------------------------------------------------------------------
-    def push(self, model: nn.Module, *, full: bool = False,
-             norm_transform: NormTransform | None = None, version: int | None = None) -> SyncReport | None:
+    def push(self, model: nn.Module, *, full: bool = False, norm_transform: NormTransform | None = None,
+             version: int | None = None, digest: bool = False) -> SyncReport | None:
         """Stream `model` (transformers or peft) into the engine; returns the report (None on
         the non-zero ranks of a sharded sync).
 
         `norm_transform(name, tensor) -> tensor` changes norm weights on their way to the
         engine only (adaptive quantization noise); with it, every norm is re-sent. `version`
         (default: the engine's + 1) numbers the new weights, e.g. to continue a resumed run's.
+        `digest`: the report and the engine both record what travelled (`sync.verify`).
         """
         clock = _Clock()
         with clock.phase("total"):
@@ -166,12 +176,13 @@ class WeightSync:
                 names = self._names_to_send(plan, changed, resend_norms)
                 version = self._preflight(model, plan, names, changed, version)
             try:
-                report = self._stream(model, plan, names, version, full, norm_transform, clock)
+                report = self._stream(model, plan, names, version, full, norm_transform, clock, digest)
             except TransportError as e:
                 if not self.retry:
                     raise
                 log.warning("push of version %d failed in transport (%s); re-pushing in full", version, e)
-                report = self._stream(model, plan, set(plan.decisions), version, True, norm_transform, clock)
+                report = self._stream(model, plan, set(plan.decisions), version, True, norm_transform,
+                                      clock, digest)
                 report.retried = True
         if report is not None:
             report.seconds = clock.seconds
@@ -192,13 +203,22 @@ class WeightSync:
         return self._plan
 
     def _names_to_send(self, plan: QuantPlan, changed: set[str], with_norms: bool) -> set[str]:
+        """Whole units of what changed (and every norm's with `with_norms`). Experts travel
+        all together or not at all: zentorch's MoE weight cache, flushed when experts reload,
+        is one cache for every MoE layer (see `rollout.engine.clear_kernel_caches`)."""
         unit_names = {unit_of(ck) for n in changed if n in plan.decisions
                       for ck in plan[n].checkpoint_names}
         if with_norms:
-            unit_names |= {unit_of(ck) for d in plan.decisions.values() if d.category == "norm"
-                           for ck in d.checkpoint_names}
+            unit_names |= self._units_of(plan, lambda d: d.category == "norm")
+        experts = self._units_of(plan, lambda d: carries_experts(d.checkpoint_names))
+        if unit_names & experts:
+            unit_names |= experts
         return {n for n, d in plan.decisions.items()
                 if any(unit_of(ck) in unit_names for ck in d.checkpoint_names)}
+
+    @staticmethod
+    def _units_of(plan: QuantPlan, keep) -> set[str]:
+        return {unit_of(ck) for d in plan.decisions.values() if keep(d) for ck in d.checkpoint_names}
 
     def _preflight(self, model: nn.Module, plan: QuantPlan, names: set[str], changed: set[str],
                    version: int | None) -> int | None:
@@ -282,7 +302,8 @@ class WeightSync:
                 payload = encode_unit(unit, plan, self.scheme, norm_transform)
             yield payload   # outside the timer: the consumer loads buckets meanwhile
 
-    def _stream(self, model, plan, names, version, full, norm_transform, clock) -> SyncReport | None:
+    def _stream(self, model, plan, names, version, full, norm_transform, clock,
+                digest: bool = False) -> SyncReport | None:
         counts = {"bytes_bf16": 0}
         encoded = self._payloads(model, plan, names, norm_transform, clock, counts)
         if self.engine is None:         # a non-zero rank of a sharded sync: its collectives only
@@ -290,9 +311,12 @@ class WeightSync:
                 pass
             return None
         sent = n_buckets = n_tensors = 0
+        sent_digests = {} if digest else None
         try:
-            _engine_call(self.engine.begin_update, version)
+            _engine_call(self.engine.begin_update, *((version, True) if digest else (version,)))
             for bucket in buckets(encoded, self.bucket_bytes):
+                if digest:
+                    sent_digests.update(digests(bucket))
                 with clock.phase("load"):
                     _engine_call(self.engine.load, bucket)
                 n_buckets += 1
@@ -307,7 +331,8 @@ class WeightSync:
             self._abort(encoded, str(e))
             raise
         n_units = len({unit_of(ck) for n in names for ck in plan[n].checkpoint_names})
-        return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets)
+        return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets,
+                          digests=sent_digests)
 
     def _abort(self, encoded: Iterator, reason: str) -> None:
         """A sharded rank 0 first finishes the walk, so the other ranks' collectives complete

@@ -71,6 +71,12 @@ class EnginePool:
                 for w, (a, b) in zip(self.workers, blocks)]
         return [lp for part in wait_all(refs, self.names) for lp in part]
 
+    def score_each(self, prompt_token_ids: list[list[int]],
+                   response_token_ids: list[list[int]]) -> list[list[list[float]]]:
+        """Every engine scores all of them (a push check looks at each engine)."""
+        return wait_all([w.score.remote(prompt_token_ids, response_token_ids) for w in self.workers],
+                        self.names)
+
     def sleep(self) -> None:
         wait_all([w.sleep.remote() for w in self.workers], self.names)
 

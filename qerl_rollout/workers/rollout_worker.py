@@ -81,8 +81,11 @@ class RolloutWorker:
     def manifest(self) -> dict:
         return self.engine.manifest()
 
-    def begin_update(self, version: int) -> None:
-        self.engine.begin_update(version)
+    def begin_update(self, version: int, digest: bool = False) -> None:
+        self.engine.begin_update(version, digest)
+
+    def received_digests(self) -> dict[str, str] | None:
+        return self.engine.received_digests()
 
     def load(self, packed: PackedBucket) -> None:
         self.engine.load(unpack_bucket(packed))

@@ -82,11 +82,21 @@ class TrainerWorker:
     def train_step(self, batch: TokenBatch, advantages, logp_rollout) -> dict:
         return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
 
-    def push(self, target: str, aqn_step: int | None, version: int | None, full: bool):
+    def push(self, target: str, aqn_step: int | None, version: int | None, full: bool, digest: bool = False):
         from qerl_rollout.rl.aqn import norm_transform
 
         noise = None if aqn_step is None else norm_transform(self.aqn, self.total_steps, aqn_step)
-        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full)
+        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full,
+                                       digest=digest)
+
+    def reference_logprobs(self, probe, scheme: str):
+        """The push check's reference (`sync.verify`); None on a sharded trainer, which holds no
+        whole policy to copy."""
+        if self.world > 1:
+            return None
+        from qerl_rollout.sync.verify import reference_logprobs
+
+        return reference_logprobs(self.policy.model, scheme, probe)
 
     def state_dict(self) -> dict | None:
         state = self.policy.state_dict()
@@ -179,16 +189,19 @@ class RayTrainer:
         self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
     def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
-             full: bool = False):
+             full: bool = False, digest: bool = False):
         """Push on every rank; rank 0's report. A transport failure: a dead engine is named
         (`WorkerDiedError`), anything else is retried once in full."""
         try:
-            return self._all("push", target, aqn_step, version, full)[0]
+            return self._all("push", target, aqn_step, version, full, digest)[0]
         except TransportError as e:
             workers, names = self._engines[target]
             wait_all([w.process.remote() for w in workers], names)
             log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
-            return self._all("push", target, aqn_step, version, True)[0]
+            return self._all("push", target, aqn_step, version, True, digest)[0]
+
+    def reference_logprobs(self, probe, scheme: str):
+        return self._all("reference_logprobs", probe, scheme)[0]
 
     def state_dict(self) -> dict:
         return self._all("state_dict")[0]

@@ -144,9 +144,13 @@ class RayWeightReceiver:
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._manifest)
 
-    def begin_update(self, version: int) -> None:
+    def begin_update(self, version: int, digest: bool = False) -> None:
         self._drain(raise_errors=False)
-        ray.get([w.begin_update.remote(version) for w in self.workers])
+        ray.get([w.begin_update.remote(version, digest) for w in self.workers])
+
+    def received_digests(self) -> list[dict[str, str] | None]:
+        """One dict per engine: each must match what was sent."""
+        return ray.get([w.received_digests.remote() for w in self.workers])
 
     def load(self, named_tensors: Bucket) -> None:
         ref = ray.put(pack_bucket(named_tensors))   # stored once, while the previous bucket loads

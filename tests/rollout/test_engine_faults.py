@@ -105,6 +105,44 @@ def test_delta_push_sends_only_changed_layers(engine, tiny_qwen3_moe):
     assert again.bytes_sent == 0 and again.version == delta.version + 1
 
 
+def _bump_lora(policy, where: str) -> None:
+    with torch.no_grad():
+        bumped = [p.add_(0.1) for n, p in policy.named_parameters() if where in n and "lora_B" in n]
+    assert bumped, where
+
+
+def test_experts_travel_all_together_and_only_their_pushes_flush_the_moe_cache(engine, tiny_qwen3_moe,
+                                                                               monkeypatch):
+    """zentorch (AMD Zen) has one MoE weight cache for every layer: flushing it while BF16
+    experts did not change served attention-only and norm-only pushes wrong on AMD EPYC
+    (0.028-0.084 from a fresh load), so a commit flushes it only when experts were loaded,
+    and a push that changes any layer's experts re-sends every layer's. zentorch is not on
+    every machine, so its two cache resets are recorded here instead of run."""
+    import qerl_rollout.rollout.engine as engine_module
+
+    calls = []
+    ops = [lambda: calls.append("clear_weight_cache"), lambda: calls.append("flush_moe_weight_cache")]
+    monkeypatch.setattr(engine_module, "_zentorch_cache_ops", lambda: list(ops))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3_moe), dtype=torch.bfloat16)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                              target_parameters=["mlp.experts.down_proj"]))
+    rec = Recorder(engine)
+    sync = WeightSync(rec)
+    sync.push(policy)
+    assert calls == ["clear_weight_cache", "flush_moe_weight_cache"]      # the first push is full
+    calls.clear()
+    _bump_lora(policy, "layers.0.mlp.experts")   # only layer 0's experts change
+    sync.push(policy)
+    assert calls == ["clear_weight_cache", "flush_moe_weight_cache"]
+    assert {n.split(".mlp.experts.")[0] for n in rec.names if ".mlp.experts." in n} == \
+        {"model.layers.0", "model.layers.1"}
+    calls.clear()
+    _bump_lora(policy, "layers.1.self_attn.q_proj")   # attention only: the MoE cache stays
+    sync.push(policy)
+    assert calls == ["clear_weight_cache"]
+    assert rec.names and not any(".experts." in n for n in rec.names)
+
+
 def test_wire_carries_compressed_fp8(engine, tiny_qwen3_moe):
     rec = Recorder(engine)
     report = WeightSync(rec).push(attention_lora(tiny_qwen3_moe))

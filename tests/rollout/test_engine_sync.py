@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
 from qerl_rollout.sync.merge import merged_named_tensors
 from qerl_rollout.sync.router_stats import qdq_copy, router_topk_agreement
+from qerl_rollout.sync.verify import VERIFY_TOL, Probe, reference_logprobs
 
 FAMILY_SCHEME = [("qwen3_moe", "fp8_block"), ("qwen2_moe", "nvfp4"),
                  ("mixtral", "fp8_channel"), ("deepseek_v3", "nvfp4")]
@@ -58,16 +59,6 @@ def lora_policy(model_dir, seed=0, std=0.2, family=None):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return policy
-
-
-def hf_logprobs(model, prompts, responses):
-    out = []
-    with torch.no_grad():
-        for p, r in zip(prompts, responses):
-            ids = torch.tensor([p + r])
-            lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
-            out.append([lp[j - 1, ids[0, j]].item() for j in range(len(p), len(p) + len(r))])
-    return out
 
 
 def max_gap(a, b):
@@ -113,10 +104,11 @@ def test_push_serves_exactly_the_trainers_quantized_policy(tiny_model, tmp_path,
 
     # The trainer's QDQ model (the numbers the engine should hold) agrees within kernel noise,
     # and the routers pick the same experts as the BF16 policy most of the time.
-    qdq = qdq_copy(policy, scheme)
-    gap = max_gap(pushed, hf_logprobs(qdq.float(), PROMPTS, RESPONSES))
+    # This is the push check's logits half (`sync.verify`), with its reference and tolerance.
+    gap = max_gap(pushed, reference_logprobs(policy, scheme, Probe(PROMPTS, RESPONSES)))
     print(f"{family} {scheme}: engine vs trainer QDQ (fp32 forward) max |dlogp| = {gap:.4f}")
-    assert gap < LOGPROB_ATOL
+    assert gap < LOGPROB_ATOL == VERIFY_TOL
+    qdq = qdq_copy(policy, scheme)
     assert max_gap(pushed, stale) > 0.2
     agreement = router_topk_agreement(policy, qdq, torch.tensor([PROMPTS[0] + RESPONSES[0]]))
     assert 0.5 <= agreement.mean <= 1.0 and 0.0 <= agreement.exact <= agreement.mean

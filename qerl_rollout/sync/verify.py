@@ -1,0 +1,188 @@
+"""The push check: does the engine serve what the trainer pushed? Two halves, one exact.
+
+How it works (`PushCheck`, run by the training loop on the first push and every
+`sync.verify_every`-th; 0 turns it off):
+- Hash (exact). The push is made with `digest=True`: the sync records a digest of every tensor
+  it sends (`sync.bucket.digests`) and every engine records the same of every tensor it loads,
+  in its own process, before decoding. The two must be equal, name for name: a tensor
+  dropped, misrouted or corrupted on the way fails here. It cannot see a kernel that goes on
+  computing with old values after a correct load (vLLM's CPU layers keep no raw copy of a
+  linear weight after prepacking it), which is what the second half is for.
+- Logits (within a tolerance). Every engine scores a fixed probe (prompts and responses from
+  the run's first rollout) and the trainer scores it with the numbers the engine should hold:
+  a quantize-dequantize copy of its merged policy (`router_stats.qdq_copy`, in fp32), at
+  temperature 1. `VERIFY_TOL` is what separates kernel noise from a stale layer (below).
+- Over the tolerance, or a hash mismatch: the loop pushes once in full and checks again; if
+  that fails too, `StalePushError` stops the run with one line naming the scheme, mode,
+  platform and figure. Nothing is written after the failed check, so the last checkpoint
+  stays the newest good one.
+
+Left out (say so where it matters): the logits half needs the whole policy in the trainer
+process and a second copy of it (a single, unsharded trainer; small models), and pushes with
+adaptive quantization noise on the norms (the noise is drawn inside the push) are checked by
+hash only. For INT8 kernel-mode engines the reference quantizes the weights but not the
+activations (vLLM's W8A8 does, per token), so the tolerance there has not been measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Measured (tests/rollout/test_engine_sync.py): an emulate engine and the trainer's fp32 QDQ
+# forward of the same pushed LoRA policy differ by 0.002-0.03 max |dlogp| over the four tiny
+# MoE families (DeepSeek's MLA the largest); a stale or wrongly quantized layer moves them by
+# 0.1-1.3 (stale zentorch caches, the unprepacked CPU experts, a version behind).
+VERIFY_TOL = 0.05
+log = logging.getLogger(__name__)
+
+
+class StalePushError(RuntimeError):
+    """The engine does not serve what was pushed, even after a full re-push."""
+
+
+def digest_problems(sent: dict[str, str], received: list[dict[str, str] | None]) -> list[str]:
+    """Differences between what was sent and what each engine loaded ([] when all agree)."""
+    problems = []
+    for i, got in enumerate(received):
+        if got is None:
+            problems.append(f"engine {i} recorded no digests (push was not begun with digest=True)")
+            continue
+        missing = sorted(set(sent) - set(got))
+        extra = sorted(set(got) - set(sent))
+        differ = sorted(n for n in set(sent) & set(got) if sent[n] != got[n])
+        for what, names in (("did not load", missing), ("loaded unsent", extra), ("loaded other bytes for", differ)):
+            if names:
+                problems.append(f"engine {i} {what} {len(names)} tensor(s), e.g. {names[0]}")
+    return problems
+
+
+def max_abs_dlogp(a: list[list[float]], b: list[list[float]]) -> float:
+    """max |a - b| over all tokens; the two must score the same responses."""
+    if [len(x) for x in a] != [len(y) for y in b]:
+        raise ValueError("the two sides scored responses of different lengths")
+    return max((abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys)), default=0.0)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Fixed prompts and responses every check scores (token ids)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+
+    @classmethod
+    def from_samples(cls, samples, n: int = 2) -> Probe:
+        """The first sample of each of the first `n` prompts that produced a response."""
+        picked, seen = [], set()
+        for s in samples:
+            if s.prompt_index not in seen and s.token_ids:
+                seen.add(s.prompt_index)
+                picked.append(s)
+            if len(picked) == n:
+                break
+        if not picked:
+            raise ValueError("no sample with a response to build the push-check probe from")
+        return cls([list(s.prompt_token_ids) for s in picked], [list(s.token_ids) for s in picked])
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, scheme: str, probe: Probe) -> list[list[float]]:
+    """The probe's response logprobs (temperature 1) under the QDQ copy of `model` in fp32."""
+    from qerl_rollout.quant.plan import build_plan
+    from qerl_rollout.sync.router_stats import _plain_config, qdq_copy
+
+    plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else "fp8_block")
+    device = next(model.parameters()).device
+    copy = qdq_copy(model, scheme, plan).float().to(device)
+    out = []
+    for prompt, response in zip(probe.prompt_ids, probe.response_ids):
+        ids = torch.tensor([prompt + response], device=device)
+        logp = torch.log_softmax(copy(ids).logits[0].float(), dim=-1)
+        positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1, device=device)
+        out.append(logp[positions, ids[0, len(prompt):]].tolist())
+    del copy
+    return out
+
+
+@dataclass
+class CheckResult:
+    hash_problems: list[str]
+    max_dlogp: float | None      # None: the logits half did not run on this push
+
+    def ok(self, tol: float) -> bool:
+        return not self.hash_problems and (self.max_dlogp is None or self.max_dlogp <= tol)
+
+    def describe(self, tol: float) -> str:
+        parts = list(self.hash_problems)
+        if self.max_dlogp is not None and self.max_dlogp > tol:
+            parts.append(f"max |dlogp| {self.max_dlogp:.4f} > sync.verify_tol {tol}")
+        return "; ".join(parts) or "ok"
+
+
+def check(report, received: list[dict[str, str] | None], engine_scores: list[list[list[float]]] | None,
+          reference: list[list[float]] | None) -> CheckResult:
+    """One check of a push made with `digest=True` (`engine_scores`: one list per engine)."""
+    problems = digest_problems(report.digests or {}, received)
+    dlogp = None
+    if engine_scores is not None and reference is not None:
+        dlogp = max(max_abs_dlogp(scores, reference) for scores in engine_scores)
+    return CheckResult(problems, dlogp)
+
+
+class PushCheck:
+    """Runs the check on the pushes it is due for (see the module docstring).
+
+    `due(step)`: the first push this process makes and every `every`-th step's. `run` takes
+    the trainer and rollout interfaces of any placement: `trainer.push(..., full=True,
+    digest=True)`, `trainer.reference_logprobs(probe, scheme)` (None where the trainer cannot
+    build the reference), `rollout.receiver.received_digests()`, `rollout.score_each(...)`.
+    """
+
+    def __init__(self, every: int, tol: float = VERIFY_TOL, logits: bool = True, *,
+                 scheme: str, mode: str, platform: str):
+        if every < 0 or tol <= 0:
+            raise ValueError(f"sync.verify_every must be >= 0 and sync.verify_tol > 0, got {every}, {tol}")
+        self.every, self.tol, self.logits = every, tol, logits
+        self.scheme, self.mode, self.platform = scheme, mode, platform
+        self.probe: Probe | None = None
+        self._checked = False
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and (not self._checked or step % self.every == 0)
+
+    def run(self, trainer, rollout, report, samples, push_again, noisy: bool) -> dict:
+        """Check the push `report` (made with digest=True); `push_again()` re-pushes in full
+        with digest=True. `noisy`: the push carried AQN noise (hash only). Returns metrics."""
+        self._checked = True
+        if self.probe is None:
+            self.probe = Probe.from_samples(samples)
+        result = self._check(trainer, rollout, report, noisy)
+        repushed = 0
+        if not result.ok(self.tol):
+            log.warning("push check failed for version %d (%s); re-pushing in full", report.version,
+                        result.describe(self.tol))
+            report, repushed = push_again(), 1
+            result = self._check(trainer, rollout, report, noisy)
+            if not result.ok(self.tol):
+                raise StalePushError(
+                    f"the {self.scheme}/{self.mode} engine does not serve the pushed weights "
+                    f"(version {report.version}, after a full re-push) on {self.platform}: "
+                    f"{result.describe(self.tol)}")
+        metrics = {"sync/verify_hash_ok": float(not result.hash_problems), "sync/verify_repushed": repushed}
+        if result.max_dlogp is not None:
+            metrics["sync/verify_max_dlogp"] = result.max_dlogp
+        return metrics
+
+    def _check(self, trainer, rollout, report, noisy: bool) -> CheckResult:
+        received = rollout.receiver.received_digests()
+        received = received if isinstance(received, list) else [received]
+        scores = reference = None
+        if self.logits and not noisy:
+            reference = trainer.reference_logprobs(self.probe, self.scheme)
+            if reference is not None:
+                scores = rollout.score_each(self.probe.prompt_ids, self.probe.response_ids)
+        return check(report, received, scores, reference)
