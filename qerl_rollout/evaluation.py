@@ -15,6 +15,7 @@ costs in accuracy). Left out: evaluation in a separate process while training go
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -67,17 +68,28 @@ def held_out_dataset(cfg, tokenizer, data_cfg, train_rows: list[dict] | None):
 
 
 def evaluate(rollout, dataset, reward_fn, tokenizer, cfg: EvalConfig, *, max_tokens: int,
-             stop_token_ids: list[int], seed: int) -> dict[str, float]:
+             stop_token_ids: list[int], seed: int, on_error: str = "zero") -> dict[str, float]:
+    """The metrics of the module docstring, plus `reward_errors`: samples whose reward fn
+    raised, scored 0 as in training (`on_error="raise"`, task.reward_errors, stops instead);
+    non-finite rewards count as 0 too, so one bad sample cannot make the mean NaN."""
     examples = dataset.examples
     samples = rollout.generate([ex.prompt_ids for ex in examples], n=cfg.n, max_tokens=max_tokens,
                                temperature=cfg.temperature, stop_token_ids=stop_token_ids, seed=seed)
     per_prompt: list[list[float]] = [[] for _ in examples]
+    errors = 0
     for s in samples:
         ex = examples[s.prompt_index]
         text = tokenizer.decode(s.token_ids, skip_special_tokens=True)
-        per_prompt[s.prompt_index].append(float(reward_fn(ex.prompt, text, ex.answer)))
+        try:
+            value = float(reward_fn(ex.prompt, text, ex.answer))
+        except Exception as e:
+            if on_error == "raise":
+                raise RuntimeError(f"the reward function failed on held-out prompt {ex.index}: "
+                                   f"{type(e).__name__}: {e}") from e
+            value, errors = 0.0, errors + 1
+        per_prompt[s.prompt_index].append(value if math.isfinite(value) else 0.0)
     rewards = [r for rs in per_prompt for r in rs]
-    out = {"reward": sum(rewards) / len(rewards)}
+    out = {"reward": sum(rewards) / len(rewards), "reward_errors": errors}
     if cfg.n > 1:
         passed = [max(rs) >= cfg.pass_threshold for rs in per_prompt]
         out[f"pass@{cfg.n}"] = sum(passed) / len(passed)

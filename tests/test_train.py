@@ -223,7 +223,7 @@ def test_config_errors_name_the_keys():
 
 def test_step_seeds_never_reuse_a_sample_stream():
     cfg = load_config([])
-    n = cfg.rollout.group_size
+    n = cfg.rollout.group_size * cfg.rollout.prompts_per_step   # streams one step draws
     streams = [train._step_seed(cfg, step) + i for step in range(1, 200) for i in range(n)]
     assert len(streams) == len(set(streams))
     other = load_config(["run.seed=1"])
@@ -293,10 +293,12 @@ def flaky_reward(prompt, response, answer=None, **meta):
 
 def test_a_failing_or_non_finite_reward_is_counted_not_fatal(tmp_path, capsys):
     base = [f"run.output_dir={tmp_path}", "run.steps=2", "rollout.prompts_per_step=2",
-            "task.reward=test_train:flaky_reward", "eval.every=0", "tracking.wandb_mode=disabled"]
-    assert train.main([*base, "tracking.run_name=zero"]) == 0
+            "task.reward=test_train:flaky_reward", "tracking.wandb_mode=disabled"]
+    assert train.main([*base, "tracking.run_name=zero", "eval.every=2", "eval.bf16=false"]) == 0
     rows = read_metrics(tmp_path / "zero")
     assert sum(r["reward/errors"] for r in rows) > 0 and sum(r["reward/non_finite"] for r in rows) > 0
+    # The held-out eval scores the same reward fn the same way (it used to end the run).
+    assert rows[1]["eval/reward_errors"] > 0 and 0 <= rows[1]["eval/reward"] <= 1
     assert all(r["loss/policy"] is not None for r in rows)          # NaN kept out of the loss
     with pytest.raises(RuntimeError, match="the reward function failed on prompt"):
-        train.main([*base, "tracking.run_name=raise", "task.reward_errors=raise"])
+        train.main([*base, "tracking.run_name=raise", "task.reward_errors=raise", "eval.every=0"])

@@ -180,9 +180,17 @@ def resolve_mode(quant: QuantConfig) -> str:
         raise ValueError(f"kernel mode for {quant.scheme} is not available: {why}")
     if quant.mode == "auto":
         mode = "kernel" if ok and quant.quantized else "emulate"
-        log.info("quant mode auto -> %s for %s (%s)", mode, quant.scheme, why)
+        if mode == "emulate" and quant.scheme in _CPU_KERNEL_SCHEMES and quant.scheme not in _warned_fallback:
+            _warned_fallback.add(quant.scheme)   # once per process: a run starts several engines
+            log.warning("%s runs emulated on this machine, without its speedup: %s", quant.scheme, why)
+        else:
+            log.info("quant mode auto -> %s for %s (%s)", mode, quant.scheme, why)
         return mode
     return quant.mode
+
+
+_CPU_KERNEL_SCHEMES = ("int8",)   # schemes with CPU kernels somewhere: their fallback is news
+_warned_fallback: set[str] = set()
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -450,6 +458,10 @@ class RolloutEngine:
         trainer that scores the full softmax at that temperature (`rl.policy.Policy`) matches
         them only at top_p=1, so top_p < 1 logs a warning (once): its TIS weights would be
         biased. The training entry point always samples at top_p=1.
+
+        `seed`: prompt i draws its n samples from vLLM's streams seed + i*n ... seed + i*n + n-1,
+        so no two samples of one call share a stream (two prompts with the same text sample
+        differently; with one seed for all they sampled alike).
         """
         from vllm import SamplingParams
 
@@ -459,10 +471,14 @@ class RolloutEngine:
                         "which a full-softmax trainer does not reproduce (biased TIS weights)", top_p)
             self._warned_top_p = True
         _check_prompts(prompt_token_ids)
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, logprobs=0, stop_token_ids=stop_token_ids,
-                                ignore_eos=ignore_eos)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params,
+        def params(prompt_seed):
+            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  seed=prompt_seed, logprobs=0, stop_token_ids=stop_token_ids,
+                                  ignore_eos=ignore_eos)
+
+        per_prompt = (params(None) if seed is None
+                      else [params(seed + i * n) for i in range(len(prompt_token_ids))])
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], per_prompt,
                                     use_tqdm=False)
         samples = []
         for i, out in enumerate(outputs):

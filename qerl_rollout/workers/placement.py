@@ -37,13 +37,32 @@ from pathlib import Path
 import ray
 
 from qerl_rollout.config import QuantConfig
-from qerl_rollout.layout import Layout, Slot, plan_layout
+from qerl_rollout.layout import Layout, LayoutError, Slot, plan_layout
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
 from qerl_rollout.workers.trainer import RayTrainer, row_blocks, wait_all
 from qerl_rollout.workers.transport import RayWeightReceiver
 
 log = logging.getLogger(__name__)
+
+
+def init_ray(ray_address: str, local_cpus: float) -> None:
+    """Join `ray_address` (or, in a Ray job, `RAY_ADDRESS`), else start a local cluster.
+
+    The local one is asked for explicitly (`address="local"`): with no address Ray would first
+    look for `/tmp/ray/ray_current_cluster`, which a `ray start --head` ended by its pid leaves
+    behind, and then refuse `num_cpus` ("When connecting to an existing cluster, num_cpus and
+    num_gpus must not be provided"). An address that does not answer is one line.
+    """
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as e:
+        raise LayoutError(f"no Ray cluster answers at {address!r} (placement.ray_address or "
+                          f"RAY_ADDRESS): {str(e).splitlines()[0]}") from None
 
 
 class EnginePool:
@@ -59,7 +78,8 @@ class EnginePool:
 
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
         blocks = _blocks(len(prompt_token_ids), len(self.workers))
-        refs = [w.generate.remote(prompt_token_ids[a:b], **sampling) for w, (a, b) in zip(self.workers, blocks)]
+        refs = [w.generate.remote(prompt_token_ids[a:b], **_block_seed(sampling, a))
+                for w, (a, b) in zip(self.workers, blocks)]
         samples = []
         for (start, _), part in zip(blocks, wait_all(refs, self.names)):
             samples += [replace(s, prompt_index=s.prompt_index + start) for s in part]
@@ -87,6 +107,14 @@ class EnginePool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+
+
+def _block_seed(sampling: dict, start: int) -> dict:
+    """A block starting at prompt `start` seeds as that prompt would in one engine (prompt i
+    uses streams seed + i*n on: `RolloutEngine.generate`), so M engines sample what one does."""
+    if sampling.get("seed") is None or start == 0:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + start * sampling.get("n", 1)}
 
 
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -135,11 +163,8 @@ class RayPlacement:
         model_config = json.loads((Path(model_dir) / "config.json").read_text())
         if not ray.is_initialized():
             probe = plan_layout(cfg, model_config, {"CPU": float("inf"), "GPU": float("inf")}, with_baseline)
-            # "" : a Ray job's driver joins its cluster (RAY_ADDRESS); anything else starts one.
-            address = cfg.placement.ray_address or os.environ.get("RAY_ADDRESS") or None
             # A local cluster gets the logical CPUs the layout asks for, even on a small machine.
-            num_cpus = None if address else max(probe.needs("CPU"), float(os.cpu_count() or 1))
-            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            init_ray(cfg.placement.ray_address, max(probe.needs("CPU"), float(os.cpu_count() or 1)))
         return plan_layout(cfg, model_config, _cluster_resources(), with_baseline)
 
     def _engines(self, model_dir, slots: list[Slot], scheme: str, options: dict, name="engine") -> EnginePool:
