@@ -172,7 +172,6 @@ def clear_kernel_caches(model: torch.nn.Module | None = None, *, experts_reloade
     return len(ops)
 
 
-
 def resolve_mode(quant: QuantConfig) -> str:
     """`kernel` or `emulate` for this platform; `auto` picks kernel where supported."""
     ok, why = kernel_supported(quant.scheme)
@@ -471,6 +470,7 @@ class RolloutEngine:
                         "which a full-softmax trainer does not reproduce (biased TIS weights)", top_p)
             self._warned_top_p = True
         _check_prompts(prompt_token_ids)
+
         def params(prompt_seed):
             return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   seed=prompt_seed, logprobs=0, stop_token_ids=stop_token_ids,

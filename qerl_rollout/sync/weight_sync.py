@@ -5,7 +5,9 @@ How a push works (`WeightSync.push(model)`):
 1. Select. Fingerprints (tensor identity + in-place version counter, see `merge.fingerprint`)
    tell which trainer tensors changed since the last push. Every unit (engine layer group,
    see `stream.py`) that holds a changed tensor is re-sent whole; the first push, or
-   `full=True`, sends everything. With LoRA on attention only, the experts never travel again.
+   `full=True`, sends everything. With LoRA on attention only, the experts never travel again;
+   when any layer's experts changed, every MoE layer's are sent (zentorch, AMD: its MoE weight
+   cache is one for all layers and is flushed when experts reload).
 2. Preflight, before the engine is touched: every checkpoint name and shape the push will
    produce is checked against the engine's manifest, and every changed raw tensor (base
    weights and LoRA factors) is checked for NaN/Inf. A failure raises with the tensor's name
@@ -18,6 +20,10 @@ How a push works (`WeightSync.push(model)`):
    the first bucket was loaded, the engine is told to `abort` and refuses to generate until a
    push completes; a failure in the transport or engine (not in the trainer's tensors) is
    retried once as a full push.
+
+`push(..., digest=True)` also records a digest of every tensor sent (`report.digests`) and asks
+the engine to record the same of what it loads: the exact half of the push check
+(`sync.verify`).
 
 Sharded trainers (`WeightSync(..., sharded=True)` on every FSDP2 rank, the receiver on rank 0
 and None elsewhere): the ranks agree on what changed (the union of their fingerprints) and on
