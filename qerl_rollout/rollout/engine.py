@@ -457,10 +457,6 @@ class RolloutEngine:
         trainer that scores the full softmax at that temperature (`rl.policy.Policy`) matches
         them only at top_p=1, so top_p < 1 logs a warning (once): its TIS weights would be
         biased. The training entry point always samples at top_p=1.
-
-        `seed`: prompt i draws its n samples from vLLM's streams seed + i*n ... seed + i*n + n-1,
-        so no two samples of one call share a stream (two prompts with the same text sample
-        differently; with one seed for all they sampled alike).
         """
         from vllm import SamplingParams
 
@@ -470,15 +466,10 @@ class RolloutEngine:
                         "which a full-softmax trainer does not reproduce (biased TIS weights)", top_p)
             self._warned_top_p = True
         _check_prompts(prompt_token_ids)
-
-        def params(prompt_seed):
-            return SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                  seed=prompt_seed, logprobs=0, stop_token_ids=stop_token_ids,
-                                  ignore_eos=ignore_eos)
-
-        per_prompt = (params(None) if seed is None
-                      else [params(seed + i * n) for i in range(len(prompt_token_ids))])
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], per_prompt,
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, logprobs=0, stop_token_ids=stop_token_ids,
+                                ignore_eos=ignore_eos)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params,
                                     use_tqdm=False)
         samples = []
         for i, out in enumerate(outputs):

@@ -78,8 +78,7 @@ class EnginePool:
 
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
         blocks = _blocks(len(prompt_token_ids), len(self.workers))
-        refs = [w.generate.remote(prompt_token_ids[a:b], **_block_seed(sampling, a))
-                for w, (a, b) in zip(self.workers, blocks)]
+        refs = [w.generate.remote(prompt_token_ids[a:b], **sampling) for w, (a, b) in zip(self.workers, blocks)]
         samples = []
         for (start, _), part in zip(blocks, wait_all(refs, self.names)):
             samples += [replace(s, prompt_index=s.prompt_index + start) for s in part]
@@ -107,14 +106,6 @@ class EnginePool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
-
-
-def _block_seed(sampling: dict, start: int) -> dict:
-    """A block starting at prompt `start` seeds as that prompt would in one engine (prompt i
-    uses streams seed + i*n on: `RolloutEngine.generate`), so M engines sample what one does."""
-    if sampling.get("seed") is None or start == 0:
-        return sampling
-    return {**sampling, "seed": sampling["seed"] + start * sampling.get("n", 1)}
 
 
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:

@@ -85,20 +85,6 @@ def test_generate_is_prompt_major_with_logprobs_and_version(engine):
         engine.generate([[]])
 
 
-def test_each_prompt_samples_its_own_streams(engine):
-    """The k-th samples of two prompts with the same text differ (one seed for all prompts
-    made them equal), and the same call samples the same again."""
-    twice = [PROMPTS[0], PROMPTS[0]]
-    samples = engine.generate(twice, n=2, max_tokens=8, seed=3, ignore_eos=True)
-    by_prompt = [[s.token_ids for s in samples if s.prompt_index == i] for i in (0, 1)]
-    assert by_prompt[0][0] != by_prompt[1][0] and by_prompt[0][1] != by_prompt[1][1]
-    assert [s.token_ids for s in engine.generate(twice, n=2, max_tokens=8, seed=3, ignore_eos=True)] == \
-        [s.token_ids for s in samples]
-    # Prompt 1 draws what prompt 0 of a call seeded n later draws.
-    (alone,) = engine.generate([PROMPTS[0]], n=1, max_tokens=8, seed=3 + 2, ignore_eos=True)
-    assert alone.token_ids == by_prompt[1][0]
-
-
 def test_delta_push_sends_only_changed_layers(engine, tiny_qwen3_moe):
     policy = attention_lora(tiny_qwen3_moe)
     rec = Recorder(engine)
