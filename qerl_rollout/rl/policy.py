@@ -21,7 +21,9 @@ every rank loads the checkpoint on the CPU, attaches the same seeded adapters, a
 with FSDP2 (`rl.fsdp.shard_policy`, which moves each shard to the rank's device). Each rank
 gets its rows of the global batch; the whole-batch denominators (tokens, sequences, padded
 length) are all-reduced before the loss, so the summed gradient is that of the global
-token-mean, not a mean of per-rank means. `state_dict` / `load_state_dict` then speak full
+token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank may have one
+micro-batch fewer than another; it runs zero-weighted filler passes to the common count, since
+each FSDP2 forward and backward is a collective (unequal counts hang). `state_dict` / `load_state_dict` then speak full
 (unsharded) tensors, the single-process format, through torch.distributed.checkpoint.
 Left out: multiple PPO epochs inside one call (call `train_step` again with the same
 `logp_old`).
@@ -238,14 +240,14 @@ class Policy:
 
         Scored in eval mode (no LoRA dropout), so they serve as logp_old.
         """
-        size = micro_batch_size or self.cfg.micro_batch_size
         was_training = self.model.training
         self.model.eval()
         try:
-            parts = [self._forward(batch.rows(i, i + size))[0] for i in range(0, len(batch), size)]
+            parts = [self._forward(_rows_or_filler(batch, sl))[0]
+                     for sl in self._micro_slices(len(batch), micro_batch_size)]
         finally:
             self.model.train(was_training)
-        return torch.cat(parts)
+        return torch.cat(parts)[:len(batch)]
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TokenBatch, micro_batch_size: int | None = None):
@@ -285,7 +287,8 @@ class Policy:
 
         The batch is cut into `micro_batch_size` rows; each micro-batch loss is divided by the
         whole batch's token / sequence counts, so the accumulated gradient does not depend on
-        the micro-batch size.
+        the micro-batch size beyond BF16 round-off (a one-row micro-batch takes another CPU
+        GEMM kernel: measured 7e-4 relative on the tiny Qwen3-MoE, micro-batch 1 vs 64).
         """
         self.model.train()
         mask = batch.response_mask.to(self.device)
@@ -302,9 +305,11 @@ class Policy:
         denominators = self._denominators(mask)
         want_entropy = self.grpo.entropy_coef > 0
         logp_new, entropies, loss_total = [], [], 0.0
-        for i in range(0, len(batch), self.cfg.micro_batch_size):
-            sl = slice(i, i + self.cfg.micro_batch_size)
-            logp, entropy = self._forward(batch.rows(sl.start, sl.stop), want_entropy)
+        for sl in self._micro_slices(len(batch)):
+            logp, entropy = self._forward(_rows_or_filler(batch, sl), want_entropy)
+            if sl is None:   # a filler pass: zero gradient, but every FSDP2 collective joined
+                (logp.sum() * 0.0).backward()
+                continue
             loss, _ = grpo_loss(
                 logp, logp_old[sl], advantages[sl], mask[sl], self.grpo,
                 is_weights=None if is_weights is None else is_weights[sl],
@@ -319,6 +324,25 @@ class Policy:
                                            is_weights, logp_ref))
         metrics["loss"] = loss_total
         return metrics
+
+    def _micro_slices(self, rows: int, size: int | None = None) -> list[slice | None]:
+        """Row slices of the micro-batches of a `rows`-row batch, in order.
+
+        Sharded, every forward and backward of an FSDP2 model is a collective (each group's
+        weights are all-gathered for it, its gradients reduce-scattered after it), so every
+        rank must run the same number of them. Ranks get row blocks that differ by one, so the
+        count is all-reduced (MAX) and a rank with fewer micro-batches ends with `None`s: filler
+        passes over its first row whose loss is multiplied by 0 (exactly zero gradient).
+        """
+        size = size or self.cfg.micro_batch_size
+        slices: list[slice | None] = [slice(i, i + size) for i in range(0, rows, size)]
+        if self.distributed:
+            import torch.distributed as dist
+
+            count = torch.tensor([len(slices)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            slices += [None] * (int(count.item()) - len(slices))
+        return slices
 
     def _denominators(self, mask: torch.Tensor) -> dict:
         """Whole-batch counts of the loss; summed (the padded length: max-ed) over ranks.
@@ -438,6 +462,11 @@ class Policy:
         lora = self.lora_tensors()
         if dist.get_rank() == 0:
             self.model.save_pretrained(str(path), state_dict=get_peft_model_state_dict(self.model, state_dict=lora))
+
+
+def _rows_or_filler(batch: TokenBatch, sl: slice | None) -> TokenBatch:
+    """The rows of micro-batch `sl`; for a filler pass (`None`), the batch's first row."""
+    return batch.rows(0, 1) if sl is None else batch.rows(sl.start, sl.stop)
 
 
 def _to_cpu(tree):
