@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "QuantConfig": "qerl_rollout.config",
     "RolloutEngine": "qerl_rollout.rollout.engine",
+    "prepare_export": "qerl_rollout.rollout.engine",
     "Sample": "qerl_rollout.rollout.types",
     "WeightSync": "qerl_rollout.sync.weight_sync",
     "SyncReport": "qerl_rollout.sync.weight_sync",

@@ -23,12 +23,14 @@ from pathlib import Path
 
 
 class LocalRollout:
-    """The rollout engine in this process (the in-process twin of `workers.placement.EnginePool`)."""
+    """The rollout engine in this process (the in-process twin of `workers.placement.EnginePool`);
+    this process is also the driver, so it makes the engine's export first (`prepare_export`)."""
 
     def __init__(self, model_dir, quant, **engine_kwargs):
-        from qerl_rollout.rollout.engine import RolloutEngine
+        from qerl_rollout.rollout.engine import RolloutEngine, prepare_export
 
-        self.engine = RolloutEngine(model_dir, quant, **engine_kwargs)
+        self.engine = RolloutEngine(model_dir, quant, export_dir=prepare_export(model_dir, quant),
+                                    **engine_kwargs)
         self.receiver = self.engine
 
     def generate(self, prompt_token_ids, **sampling):

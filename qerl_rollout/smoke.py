@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
+    from qerl_rollout.rollout.engine import prepare_export
     from qerl_rollout.tiny import build_tiny_model
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qerl-smoke-"))
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     print(f"built tiny {args.family} in {model_dir} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
-    engine = RolloutEngine(model_dir, QuantConfig(args.scheme))
+    quant = QuantConfig(args.scheme)
+    engine = RolloutEngine(model_dir, quant, export_dir=prepare_export(model_dir, quant))
     print(f"engine ready: scheme={engine.scheme} mode={engine.mode} ({time.perf_counter() - t0:.1f} s)")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True)

@@ -30,6 +30,12 @@ def pytest_report_header(config):
     return [platform_line()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """Kernel-mode exports of the suite go to a session directory, not ~/.cache."""
+    os.environ.setdefault("QERL_EXPORT_CACHE", str(tmp_path_factory.mktemp("exports")))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Factory: `tiny_model(family, seed=0)` -> Path of a cached tiny checkpoint."""

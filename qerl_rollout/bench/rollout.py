@@ -68,12 +68,14 @@ def quant_cost(bf16_engine, samples) -> dict:
 
 
 def start_engines(path: Path, schemes: list[str], max_model_len: int) -> dict:
-    from qerl_rollout.rollout.engine import RolloutEngine
+    from qerl_rollout.rollout.engine import RolloutEngine, prepare_export
 
     engines = {}
     for scheme in schemes:
         t0 = time.perf_counter()
-        engines[scheme] = RolloutEngine(path, QuantConfig(scheme), max_model_len=max_model_len)
+        quant = QuantConfig(scheme)
+        engines[scheme] = RolloutEngine(path, quant, max_model_len=max_model_len,
+                                        export_dir=prepare_export(path, quant))
         print(f"{scheme}: {engines[scheme].mode} engine started in {time.perf_counter() - t0:.1f} s",
               flush=True)
     return engines

@@ -99,11 +99,12 @@ def attention_step(model, step: int) -> None:
 
 # -- engine ---------------------------------------------------------------------------------
 def start_engine(path: Path, scheme: str):
-    """(engine, seconds from construction to its first generated token)."""
-    from qerl_rollout.rollout.engine import RolloutEngine
+    """(engine, seconds from its export (kernel mode, cached) to its first generated token)."""
+    from qerl_rollout.rollout.engine import RolloutEngine, prepare_export
 
     t0 = time.perf_counter()
-    engine = RolloutEngine(path, QuantConfig(scheme), max_model_len=256)
+    quant = QuantConfig(scheme)
+    engine = RolloutEngine(path, quant, max_model_len=256, export_dir=prepare_export(path, quant))
     engine.generate(PROMPT, max_tokens=1, ignore_eos=True)
     return engine, time.perf_counter() - t0
 

@@ -18,13 +18,21 @@ what compressed-tensors' FP8_BLOCK, FP8_DYNAMIC or NVFP4A16 preset serializes to
 patterns for every exempt linear-like module (routers, shared-expert gates, lm_head, embeddings),
 because vLLM's "Linear" target also matches router layers.
 
+`cached_export` is the driver's form: one export per (checkpoint files, scheme, EXPORT_FORMAT,
+plan) in a cache directory, made under a file lock, so that N engines starting together on a
+cold cache find one finished export (the first caller writes it, the others wait for the lock
+and reuse it); without the lock every engine after the first died at the final rename.
+
 Left out: sparsity and transform configs, KV-cache quantization, activation calibration (the
 FP8 schemes use dynamic activation scales), checkpoints in .bin format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +46,12 @@ from tqdm.auto import tqdm
 
 from qerl_rollout.quant import SCHEMES, get_scheme, quantize
 from qerl_rollout.quant.plan import QuantPlan, build_plan_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Bump when the bytes an export writes for the same plan change (names, dtypes, scales,
+# config.json): the cache key carries it instead of the package version.
+EXPORT_FORMAT = 1
 
 QUANTIZABLE_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,6 +92,50 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return plan
+
+
+def cached_export(model_dir: str | Path, scheme: str, cache_root: str | Path | None = None,
+                  progress: bool = True) -> Path:
+    """The export of `model_dir` in `scheme` under `cache_root` (default
+    `$QERL_EXPORT_CACHE` or `~/.cache/qerl_rollout/exports`), made now if it is not there.
+
+    Safe to call from several processes at once: a file lock beside the export lets one write
+    it; the others wait for the lock, then find it complete.
+    """
+    from filelock import FileLock
+
+    model_dir = Path(model_dir)
+    _check_scheme(scheme)
+    root = Path(cache_root or os.environ.get("QERL_EXPORT_CACHE")
+                or Path.home() / ".cache" / "qerl_rollout" / "exports")
+    root.mkdir(parents=True, exist_ok=True)
+    out_dir = root / f"{model_dir.name}-{scheme}-{export_key(model_dir, scheme)}"
+    lock = FileLock(str(root / f".{out_dir.name}.lock"))
+    try:
+        lock.acquire(blocking=False)
+    except TimeoutError:
+        log.info("waiting for another process's export %s", out_dir)
+        lock.acquire()
+    try:
+        if not (out_dir / "config.json").is_file():
+            export_checkpoint(model_dir, out_dir, scheme, progress=progress)
+    finally:
+        lock.release()
+    return out_dir
+
+
+def export_key(model_dir: Path, scheme: str) -> str:
+    """Changes with the checkpoint's files (path, sizes, mtimes), the scheme, EXPORT_FORMAT and
+    the plan (what is quantized, and the compressed-tensors config it writes)."""
+    model_dir = Path(model_dir).resolve()
+    plan = build_plan_from_checkpoint(model_dir, scheme)
+    parts = [str(model_dir), scheme, f"format {EXPORT_FORMAT}",
+             json.dumps(quantization_config(plan), sort_keys=True)]
+    parts += [f"{d.name}:{d.quantized}:{d.shape}" for d in sorted(plan.decisions.values(), key=lambda d: d.name)]
+    for f in _safetensors_files(model_dir) + [model_dir / "config.json"]:
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _check_scheme(scheme: str) -> None:

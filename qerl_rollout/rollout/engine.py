@@ -5,9 +5,10 @@ How it works.
   the BF16 checkpoint and the engine then loads the quantize-dequantize (QDQ) values of that
   checkpoint through the same path a weight push takes, so version 0 already holds the
   quantized numbers. Pushes always carry compressed tensors; an emulate engine dequantizes
-  them on arrival (`sync.stream.decode_payload`) before handing BF16 to vLLM. In `kernel` mode the checkpoint is exported once as a compressed-tensors
-  checkpoint (`qerl_rollout.quant.export`) into a cache directory and vLLM loads that with its
-  quantized layers. Version 0 is what was loaded.
+  them on arrival (`sync.stream.decode_payload`) before handing BF16 to vLLM. In `kernel`
+  mode vLLM loads a compressed-tensors export with its quantized layers (`export_dir`); the
+  engine never writes one: the driver calls `prepare_export` once before any engine starts
+  (a cached, locked `quant.export.cached_export`). Version 0 is what was loaded.
 - Generate / score. Prompts go in as token ids; `generate` returns `Sample`s prompt-major with
   the log-probability of each sampled token under the sampling distribution (vLLM's
   `processed_logprobs`: after temperature and top-p), and the weight version that produced
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -238,15 +238,23 @@ def checkpoint_stream(model_dir: str | Path):
             yield name, where[name].get_tensor(name)
 
 
-def _export_key(model_dir: Path, scheme: str) -> str:
-    """Changes when the checkpoint's files, the scheme or this package's version change."""
-    from qerl_rollout import __version__
+def prepare_export(model_dir: str | Path, quant: QuantConfig, *, engines_on_gpu: bool = False,
+                   cache_root: str | Path | None = None) -> Path | None:
+    """The driver's half of starting engines: the compressed-tensors export a kernel-mode
+    engine loads (`quant.export.cached_export`), made once before any engine starts; None
+    when the engines load `model_dir` itself (bf16, emulate).
 
-    parts = [str(model_dir.resolve()), scheme, __version__]
-    for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
-        st = f.stat()
-        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    `engines_on_gpu`: the engines run on GPUs, whose kernels the driver cannot see, so
+    `mode=auto` exports (an engine that then resolves emulate does not read it). Otherwise
+    the engines share the driver's platform and `resolve_mode` decides here.
+    """
+    if not quant.quantized or quant.mode == "emulate":
+        return None
+    if quant.mode == "auto" and not engines_on_gpu and resolve_mode(quant) != "kernel":
+        return None
+    from qerl_rollout.quant.export import cached_export
+
+    return cached_export(model_dir, quant.scheme, cache_root)
 
 
 DEFAULT_MAX_MODEL_LEN = 1024
@@ -346,7 +354,7 @@ class RolloutEngine:
             raise RuntimeError("zentorch is installed but lacks zentorch_clear_weight_cache / "
                                "zentorch_flush_moe_weight_cache: weight pushes would be served stale; "
                                "install the zentorch that scripts/setup.sh pins")
-        load_dir = self._export(export_dir) if self.mode == "kernel" and self.quant.quantized else self.model_dir
+        load_dir = self._load_dir(export_dir)
         self._manifest = read_manifest(load_dir)
         self._shapes = {name: shape for name, (shape, _) in self._manifest.items()}
         options = dict(dtype="bfloat16", max_model_len=max_model_len, seed=seed,
@@ -368,16 +376,17 @@ class RolloutEngine:
         log.info("RolloutEngine ready: %s, scheme=%s, mode=%s", self.model_dir.name, self.scheme, self.mode)
 
     # -- start-up --------------------------------------------------------------------------
-    def _export(self, export_dir) -> Path:
-        from qerl_rollout.quant.export import export_checkpoint
-
+    def _load_dir(self, export_dir) -> Path:
+        """What vLLM loads: the export for a quantized kernel engine, else `model_dir`. The
+        engine never writes one (`prepare_export` does, in the driver)."""
+        if not (self.mode == "kernel" and self.quant.quantized):
+            return self.model_dir
         if export_dir is None:
-            key = _export_key(self.model_dir, self.scheme)
-            export_dir = Path.home() / ".cache" / "qerl_rollout" / "exports" / f"{self.model_dir.name}-{self.scheme}-{key}"
-        export_dir = Path(export_dir)
-        if not (export_dir / "config.json").exists():
-            export_checkpoint(self.model_dir, export_dir, self.scheme)
-        return export_dir
+            raise ValueError(f"a {self.scheme} kernel-mode engine loads a compressed-tensors export: pass "
+                             "export_dir=prepare_export(model_dir, quant) (made once, before engines start)")
+        if not (Path(export_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"export_dir {export_dir} holds no export (no config.json)")
+        return Path(export_dir)
 
     def _load_qdq_checkpoint(self) -> None:
         from qerl_rollout.quant.plan import build_plan_from_checkpoint

@@ -161,9 +161,13 @@ class RayPlacement:
     def _engines(self, model_dir, slots: list[Slot], scheme: str, options: dict, name="engine") -> EnginePool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from qerl_rollout.rollout.engine import prepare_export
+
         r = self.cfg.rollout
         quant = QuantConfig(scheme, r.mode)
-        extra = dict(options)
+        # Made here, once, before any engine starts: engines only load it.
+        export_dir = prepare_export(model_dir, quant, engines_on_gpu=any(s.num_gpus > 0 for s in slots))
+        extra = dict(options, export_dir=None if export_dir is None else str(export_dir))
         if r.tensor_parallel_size > 1:
             extra["tensor_parallel_size"] = r.tensor_parallel_size
         if self.layout.mode == "colocated" and self.layout.use_gpus:

@@ -37,9 +37,10 @@ def engine_options() -> dict:
 
 def main(model_dir: str, scheme: str, out_path: str, greedy: str = "1") -> None:
     from qerl_rollout import QuantConfig, RolloutEngine
+    from qerl_rollout.rollout.engine import prepare_export
 
-    engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256,
-                           export_dir=os.path.join(os.path.dirname(out_path), "export") if scheme != "bf16" else None,
+    quant = QuantConfig(scheme)
+    engine = RolloutEngine(model_dir, quant, max_model_len=256, export_dir=prepare_export(model_dir, quant),
                            **engine_options())
     with open(out_path, "w") as f:
         json.dump(engine_numbers(engine, greedy == "1"), f)

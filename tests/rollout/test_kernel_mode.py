@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
 from qerl_rollout.hardware import cpu_facts, cpu_line
-from qerl_rollout.rollout.engine import kernel_supported, resolve_mode
+from qerl_rollout.rollout.engine import kernel_supported, prepare_export, resolve_mode
 from qerl_rollout.sync.merge import merged_named_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -110,7 +110,9 @@ def _fresh(checkpoints: list[Path], scheme: str, tp: int = 1) -> list[dict]:
 def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path) -> dict:
     """Engine numbers before and after each of the three pushes, the pushes' reports, and the
     merged checkpoint written after each push."""
-    engine = RolloutEngine(model_dir, QuantConfig(scheme), max_model_len=256, **engine_options())
+    quant = QuantConfig(scheme)
+    engine = RolloutEngine(model_dir, quant, max_model_len=256, export_dir=prepare_export(model_dir, quant),
+                           **engine_options())
     mode = engine.mode
     q_dtype = engine.manifest()["model.layers.0.self_attn.q_proj.weight"][1]
     policy = lora_policy(model_dir, family=family)
