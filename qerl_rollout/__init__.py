@@ -9,7 +9,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "QuantConfig": "qerl_rollout.config",
+    "QuantConfig": "qerl_rollout.rollout.types",
     "RolloutEngine": "qerl_rollout.rollout.engine",
     "prepare_export": "qerl_rollout.rollout.engine",
     "Sample": "qerl_rollout.rollout.types",

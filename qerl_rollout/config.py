@@ -17,37 +17,9 @@ from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import PolicyConfig
+from qerl_rollout.rollout.types import QUANT_MODES, QUANT_SCHEMES, QuantConfig  # noqa: F401 (re-exported)
 from qerl_rollout.sync.verify import VERIFY_TOL
 from qerl_rollout.tracking import TrackingConfig
-
-QUANT_SCHEMES = ("bf16", "fp8_block", "fp8_channel", "int8", "nvfp4")
-QUANT_MODES = ("auto", "kernel", "emulate")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How the rollout engine holds the policy.
-
-    scheme: `bf16` (no quantization) or a scheme of `qerl_rollout.quant`.
-    mode:   `kernel` runs vLLM's quantized layers and receives compressed tensors;
-            `emulate` runs BF16 layers that hold the dequantized (QDQ) values, so the numbers
-            are those of the quantized model but not its speed; `auto` picks kernel where the
-            platform has the kernels and emulate elsewhere (`resolve_mode`).
-    """
-
-    scheme: str = "fp8_block"
-    mode: str = "auto"
-
-    def __post_init__(self):
-        if self.scheme not in QUANT_SCHEMES:
-            raise ValueError(f"unknown quant scheme {self.scheme!r}; choose from {QUANT_SCHEMES}")
-        if self.mode not in QUANT_MODES:
-            raise ValueError(f"unknown quant mode {self.mode!r}; choose from {QUANT_MODES}")
-
-    @property
-    def quantized(self) -> bool:
-        return self.scheme != "bf16"
-
 
 # --------------------------------------------------------------------------------------------
 # The training run: one dataclass per YAML section (configs/*.yaml), loaded by `load_config`.

@@ -1,8 +1,11 @@
-"""The pure-math packages never import ray or vllm (ARCHITECTURE.md, style rule 1).
+"""The package map holds: pure math imports neither ray nor vllm, and packages lean one way.
 
-Two checks: a static scan of every import statement in the pure modules (catches an import
-hidden inside a function), and a fresh interpreter that imports them and then inspects
-`sys.modules` (catches a transitive import through a helper module).
+Checks: a static scan of every import statement in the pure modules (catches an import
+hidden inside a function); a fresh interpreter that imports them and then inspects
+`sys.modules` (catches a transitive import through a helper module); only `rollout/` imports
+vllm and only `workers/` ray; and the edges between this project's own packages (`EDGES`):
+the wire format is imported by the sender (`sync`) and the receiver (`rollout`), which never
+import each other, and the engine never pulls in the run config.
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "qerl_rollout"
 FORBIDDEN = ("ray", "vllm")
 # Directories whose every module is pure, and single pure modules elsewhere.
-PURE_DIRS = ["quant"]
+PURE_DIRS = ["quant", "wire"]
 PURE_MODULES = [
+    "dist.py",
     "rl/grpo.py",
     "rl/mismatch.py",
     "rl/aqn.py",
     "sync/merge.py",
-    "sync/stream.py",
-    "sync/bucket.py",
 ]
 
 
@@ -78,7 +80,7 @@ def test_importing_pure_modules_loads_neither_ray_nor_vllm():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-# Only `rollout/` may import vllm and only `workers/` may import ray (ARCHITECTURE.md layout).
+# Only `rollout/` may import vllm and only `workers/` may import ray (ARCHITECTURE.md, "The package map").
 OWNERS = {"vllm": "rollout", "ray": "workers"}
 
 
@@ -88,3 +90,35 @@ def test_vllm_only_in_rollout_and_ray_only_in_workers(path):
     for name in _forbidden_imports(path.read_text()):
         owner = OWNERS[name.split(".")[0]]
         assert package == owner, f"{path.relative_to(PKG)} imports {name}; only {owner}/ may"
+
+
+# Package -> the qerl_rollout packages (or top-level modules) it must never import.
+EDGES = {
+    "wire": {"sync", "rollout", "workers", "rl", "config", "train", "local"},
+    "sync": {"rollout", "workers", "config", "train", "local"},
+    "rollout": {"sync", "workers", "config", "train", "local"},
+    "quant": {"wire", "sync", "rollout", "workers", "rl", "config", "train", "local"},
+}
+
+
+def _project_imports(source: str) -> set[str]:
+    """First component under qerl_rollout of every absolute project import in `source`."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                 else [])
+        found |= {n.split(".")[1] for n in names if n.startswith("qerl_rollout.")}
+    return found
+
+
+def test_the_edge_scanner_sees_imports_inside_functions():
+    src = "import qerl_rollout.wire.stream\ndef f():\n    from qerl_rollout.config import QuantConfig\n"
+    assert _project_imports(src) == {"wire", "config"}
+
+
+@pytest.mark.parametrize("package", sorted(EDGES))
+def test_packages_lean_one_way(package):
+    bad = {str(path.relative_to(PKG)): sorted(_project_imports(path.read_text()) & EDGES[package])
+           for path in sorted((PKG / package).rglob("*.py"))}
+    assert {k: v for k, v in bad.items() if v} == {}

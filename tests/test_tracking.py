@@ -1,6 +1,6 @@
 """The run's record: metrics.jsonl is exact and complete, and real offline wandb gets the same.
 
-wandb 0.31 in offline mode writes no `files/wandb-summary.json` or `config.yaml`; everything
+wandb 0.31 in offline mode writes no `files/wandb-summary.json` or `files/config.yaml`; everything
 it recorded is in the run's binary `run-<id>.wandb` file (a LevelDB-style log of protobuf
 `Record`s, which `wandb sync` uploads). `_wandb_records` parses that file, so these tests check
 what wandb would upload, not just that a directory appeared. `run.finish()` returns before

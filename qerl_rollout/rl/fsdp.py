@@ -22,24 +22,16 @@ group (FSDP2's default averages over ranks, right only for a mean of per-rank me
 collectives use plain SUM (a factor of 1 would otherwise become NCCL's PREMUL_SUM, which gloo
 lacks).
 
-`row_range(n, rank, world)` is that chunk arithmetic, for code that must know which rows a
-rank holds (the sharded weight sync). Left out: HSDP (replicate x shard meshes), activation
+`qerl_rollout.dist.row_range(n, rank, world)` is that chunk arithmetic, for code that must
+know which rows a rank holds (the sharded weight sync). Left out: HSDP (replicate x shard meshes), activation
 checkpointing policies beyond transformers' own, and CPU offload of the optimizer state.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B")
-
-
-def row_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [start, stop) of an n-row tensor that `rank` holds under Shard(0) (torch.chunk)."""
-    chunk = -(-n // world) if n else 0
-    start = min(rank * chunk, n)
-    return start, min(start + chunk, n)
 
 
 def _adapter_modules(model: nn.Module) -> list[nn.Module]:
@@ -85,15 +77,3 @@ def shard_policy(model: nn.Module, device_type: str = "cpu") -> nn.Module:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)   # plain SUM: gloo has no PREMUL_SUM
     return model
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor parameter (the tensor itself when not distributed)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole value of a DTensor (a collective: every rank must call it), else `t`."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t

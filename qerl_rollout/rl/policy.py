@@ -362,7 +362,7 @@ class Policy:
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip the gradient norm, step AdamW and the LR schedule, clear the gradients."""
-        from qerl_rollout.rl.fsdp import full_tensor
+        from qerl_rollout.dist import full_tensor
 
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]

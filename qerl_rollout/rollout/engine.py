@@ -5,7 +5,7 @@ How it works.
   the BF16 checkpoint and the engine then loads the quantize-dequantize (QDQ) values of that
   checkpoint through the same path a weight push takes, so version 0 already holds the
   quantized numbers. Pushes always carry compressed tensors; an emulate engine dequantizes
-  them on arrival (`sync.stream.decode_payload`) before handing BF16 to vLLM. In `kernel`
+  them on arrival (`wire.stream.decode_payload`) before handing BF16 to vLLM. In `kernel`
   mode vLLM loads a compressed-tensors export with its quantized layers (`export_dir`); the
   engine never writes one: the driver calls `prepare_export` once before any engine starts
   (a cached, locked `quant.export.cached_export`). Version 0 is what was loaded.
@@ -46,9 +46,10 @@ which is what a fresh load does; the test suite checks a pushed engine against a
 loaded one on every MoE family. Sleep mode does not exist on CPU: `sleep`/`wake_up` log and
 return there.
 
-Left out: multi-GPU tensor parallel engines (vLLM supports them; the update path here talks
-to one in-process worker through `collective_rpc`, which a TP engine would need in every
-rank), LoRA served unmerged, and speculative decoding.
+Tensor parallelism (`tensor_parallel_size`): `collective_rpc` (and `apply_model`, built on
+it) runs each reload, cache clear and probe in every TP worker, and vLLM's weight loaders
+shard the pushed checkpoint-format tensors; tested on CPU with TP 2
+(`tests/rollout/test_kernel_mode.py`). Left out: LoRA served unmerged, speculative decoding.
 """
 
 from __future__ import annotations
@@ -63,10 +64,9 @@ from pathlib import Path
 
 import torch
 
-from qerl_rollout.config import QuantConfig
-from qerl_rollout.rollout.types import EngineStateError, Sample
-from qerl_rollout.sync.bucket import digests
-from qerl_rollout.sync.stream import carries_experts, decode_payload
+from qerl_rollout.rollout.types import EngineStateError, QuantConfig, Sample
+from qerl_rollout.wire.bucket import digests
+from qerl_rollout.wire.stream import carries_experts, decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -390,8 +390,8 @@ class RolloutEngine:
 
     def _load_qdq_checkpoint(self) -> None:
         from qerl_rollout.quant.plan import build_plan_from_checkpoint
-        from qerl_rollout.sync.bucket import buckets
-        from qerl_rollout.sync.stream import Piece, encode_unit, units
+        from qerl_rollout.wire.bucket import buckets
+        from qerl_rollout.wire.stream import Piece, encode_unit, units
 
         plan = build_plan_from_checkpoint(self.model_dir, self.scheme)
         stream = (Piece((name, ), t, name) for name, t in checkpoint_stream(self.model_dir))
@@ -406,7 +406,7 @@ class RolloutEngine:
         return dict(self._manifest)
 
     def begin_update(self, version: int, digest: bool = False) -> None:
-        """`digest`: record `sync.bucket.digests` of every tensor this update loads, as it
+        """`digest`: record `wire.bucket.digests` of every tensor this update loads, as it
         arrives (before an emulate engine decodes it); `received_digests` returns them."""
         if version < self.version:
             raise ValueError(f"version {version} is older than the served version {self.version}")

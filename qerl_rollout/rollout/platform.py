@@ -7,8 +7,8 @@ class vLLM picked, and what `quant.mode=auto` resolves to for each scheme here
 
 from __future__ import annotations
 
-from qerl_rollout.config import QUANT_SCHEMES
 from qerl_rollout.hardware import cpu_line
+from qerl_rollout.rollout.types import QUANT_SCHEMES
 
 
 def kernel_paths() -> dict[str, str]:

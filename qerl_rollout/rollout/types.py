@@ -1,18 +1,42 @@
-"""The rollout side's small interfaces, free of vLLM so that trainers and sync can import them.
-
-`Sample` is what generation returns. `WeightReceiver` is everything a weight sync needs from
-an engine, in-process or behind a transport: what it expects (`manifest`), and a three-step
-update (`begin_update`, `load` one bucket at a time, `commit`), or `abort` on failure; a push
-check also reads back what the engine received (`received_digests`).
+"""The rollout side's small types, free of vLLM (and of the run config) so that anything can
+import them: `QuantConfig` (how an engine holds the policy), `Sample` (what generation
+returns) and `EngineStateError`. What a weight sync needs from an engine is
+`wire.receiver.WeightReceiver`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import torch
+from qerl_rollout.quant import SCHEMES
+
+QUANT_SCHEMES = ("bf16", *SCHEMES)
+QUANT_MODES = ("auto", "kernel", "emulate")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the rollout engine holds the policy.
+
+    scheme: `bf16` (no quantization) or a scheme of `qerl_rollout.quant`.
+    mode:   `kernel` runs vLLM's quantized layers and receives compressed tensors;
+            `emulate` runs BF16 layers that hold the dequantized (QDQ) values, so the numbers
+            are those of the quantized model but not its speed; `auto` picks kernel where the
+            platform has the kernels and emulate elsewhere (`resolve_mode`).
+    """
+
+    scheme: str = "fp8_block"
+    mode: str = "auto"
+
+    def __post_init__(self):
+        if self.scheme not in QUANT_SCHEMES:
+            raise ValueError(f"unknown quant scheme {self.scheme!r}; choose from {QUANT_SCHEMES}")
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"unknown quant mode {self.mode!r}; choose from {QUANT_MODES}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "bf16"
 
 
 @dataclass
@@ -35,28 +59,3 @@ class Sample:
 
 class EngineStateError(RuntimeError):
     """The engine holds a partial weight update and refuses to serve until a push completes."""
-
-
-class WeightReceiver(Protocol):
-    """An engine that can take a versioned stream of weights."""
-
-    mode: str      # "kernel" (compressed tensors) or "emulate" (BF16 QDQ values)
-    scheme: str    # the quant scheme the engine expects
-    version: int   # the version it serves
-
-    def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Checkpoint name -> (shape, dtype) of every tensor the engine accepts in `load`."""
-
-    def begin_update(self, version: int, digest: bool = False) -> None:
-        """`digest=True` (asked only by push checks): remember the digests of what this update
-        loads (`sync.bucket.digests`) for `received_digests()`."""
-
-    def received_digests(self) -> dict[str, str] | list[dict[str, str]] | None:
-        """What the last committed update loaded, by name (one dict per engine behind a pool)."""
-
-    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """Load one bucket; it holds whole engine layers (never part of a fused layer)."""
-
-    def commit(self, version: int) -> None: ...
-
-    def abort(self, reason: str) -> None: ...

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qerl_rollout.rl.fsdp import full_tensor, local_tensor, row_range
+from qerl_rollout.dist import full_tensor, local_tensor, row_range
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",

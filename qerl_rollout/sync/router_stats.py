@@ -23,7 +23,7 @@ from torch import nn
 
 from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.sync.merge import merged_named_tensors
-from qerl_rollout.sync.stream import qdq_named_tensors
+from qerl_rollout.wire.stream import qdq_named_tensors
 
 
 @dataclass

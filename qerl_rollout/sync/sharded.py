@@ -35,9 +35,9 @@ import torch
 import torch.distributed as dist
 
 from qerl_rollout.quant.plan import QuantPlan
-from qerl_rollout.rl.fsdp import row_range
+from qerl_rollout.dist import row_range
 from qerl_rollout.sync.merge import Shard, merged_shards
-from qerl_rollout.sync.stream import NormTransform, Piece, Unit, encode_unit, transform_norms, units
+from qerl_rollout.wire.stream import NormTransform, Piece, Unit, encode_unit, transform_norms, units
 
 FP8_BLOCK = 128
 Payload = list[tuple[str, torch.Tensor]]

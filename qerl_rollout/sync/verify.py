@@ -3,7 +3,7 @@
 How it works (`PushCheck`, run by the training loop on the first push and every
 `sync.verify_every`-th; 0 turns it off):
 - Hash (exact). The push is made with `digest=True`: the sync records a digest of every tensor
-  it sends (`sync.bucket.digests`) and every engine records the same of every tensor it loads,
+  it sends (`wire.bucket.digests`) and every engine records the same of every tensor it loads,
   in its own process, before decoding. The two must be equal, name for name: a tensor
   dropped, misrouted or corrupted on the way fails here. It cannot see a kernel that goes on
   computing with old values after a correct load (vLLM's CPU layers keep no raw copy of a

@@ -4,7 +4,7 @@ How a push works (`WeightSync.push(model)`):
 
 1. Select. Fingerprints (tensor identity + in-place version counter, see `merge.fingerprint`)
    tell which trainer tensors changed since the last push. Every unit (engine layer group,
-   see `stream.py`) that holds a changed tensor is re-sent whole; the first push, or
+   see `wire.stream`) that holds a changed tensor is re-sent whole; the first push, or
    `full=True`, sends everything. With LoRA on attention only, the experts never travel again;
    when any layer's experts changed, every MoE layer's are sent (zentorch, AMD: its MoE weight
    cache is one for all layers and is flushed when experts reload).
@@ -48,11 +48,11 @@ import torch
 from torch import nn
 
 from qerl_rollout.quant.plan import QuantPlan, build_plan
-from qerl_rollout.rollout.types import WeightReceiver
-from qerl_rollout.sync.bucket import buckets, digests, nbytes
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
-from qerl_rollout.sync.stream import (
+from qerl_rollout.wire.bucket import buckets, digests, nbytes
+from qerl_rollout.wire.receiver import WeightReceiver
+from qerl_rollout.wire.stream import (
     NormTransform,
     all_finite,
     carries_experts,

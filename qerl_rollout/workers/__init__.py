@@ -1,4 +1,4 @@
-"""Ray actors and transports; the only package that imports ray (ARCHITECTURE.md, rule 1).
+"""Ray actors and transports; the only package that imports ray (ARCHITECTURE.md, "The package map").
 
 `rollout_worker`: the `RolloutWorker` actor that owns a vLLM `RolloutEngine`.
 `trainer`: the `TrainerWorker` actor (one FSDP2 rank) and `RayTrainer`, which drives N of them.

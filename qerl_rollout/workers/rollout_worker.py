@@ -29,8 +29,7 @@ from pathlib import Path
 
 import ray
 
-from qerl_rollout.config import QuantConfig
-from qerl_rollout.rollout.types import Sample
+from qerl_rollout.rollout.types import QuantConfig, Sample
 from qerl_rollout.workers.transport import PackedBucket, unpack_bucket
 
 

@@ -1,7 +1,7 @@
 """Weight transport from the trainer process to a `RolloutWorker` actor through Ray's object store.
 
 How it works.
-- Packing. A bucket (`[(name, tensor), ...]`, whole engine layers, as `sync.bucket` cuts them)
+- Packing. A bucket (`[(name, tensor), ...]`, whole engine layers, as `wire.bucket` cuts them)
   becomes a `PackedBucket`: per tensor its name, dtype, shape and a flat `uint8` numpy view
   of its bytes. Ray pickles numpy arrays with protocol-5 out-of-band buffers, so `ray.put`
   copies each array once into shared memory and the actor reads it back without a copy

@@ -17,7 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from one_step import GRPO, batch, policy_config  # noqa: E402
 
-from qerl_rollout.rl.fsdp import full_tensor  # noqa: E402
+from qerl_rollout.dist import full_tensor  # noqa: E402
 from qerl_rollout.rl.mismatch import MismatchConfig  # noqa: E402
 from qerl_rollout.rl.policy import Policy, combine_rank_metrics  # noqa: E402
 from qerl_rollout.workers.trainer import row_blocks  # noqa: E402

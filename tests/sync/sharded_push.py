@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qerl_rollout.rl.fsdp import local_tensor
+from qerl_rollout.dist import local_tensor
 from qerl_rollout.rl.policy import Policy
 from qerl_rollout.rollout.engine import read_manifest
 from qerl_rollout.sync.weight_sync import PushError, WeightSync

@@ -1,7 +1,7 @@
 """One implementation: an exported checkpoint and a full push of the same weights are the same bytes.
 
 A kernel-mode engine starts from the export (`quant.export`) and is then fed pushes built by the
-sync (`sync.stream`); if the two paths quantized differently (another fused-group amax, another
+sync (`wire.stream`); if the two paths quantized differently (another fused-group amax, another
 rounding), version 0 and version 1 of the same weights would differ. Here a receiver that keeps
 what it is sent takes a full push of the unmodified checkpoint, and every tensor must equal the
 exported one bit for bit, with the same names and dtypes, for every scheme and MoE family. One

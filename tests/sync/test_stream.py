@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from qerl_rollout.quant import quantize
 from qerl_rollout.quant.plan import build_plan
-from qerl_rollout.sync.bucket import buckets, nbytes
-from qerl_rollout.sync.stream import (
+from qerl_rollout.wire.bucket import buckets, nbytes
+from qerl_rollout.wire.stream import (
     Piece,
     Unit,
     all_finite,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qerl_rollout.rollout.types import Sample
-from qerl_rollout.sync.bucket import digests, tensor_digest
+from qerl_rollout.wire.bucket import digests, tensor_digest
 from qerl_rollout.sync.verify import (
     VERIFY_TOL,
     Probe,

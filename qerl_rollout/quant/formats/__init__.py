@@ -1,4 +1,4 @@
-"""Quantization formats: the registry plus one module per scheme (fp8_block, fp8_channel, nvfp4).
+"""Quantization formats: the registry plus one module per scheme.
 
 Importing this package imports every module in it, so dropping a new `@register`ed module
 here is all it takes to add a scheme. `SCHEMES` is the tuple of registered names.
