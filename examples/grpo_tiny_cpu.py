@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                        f"run.seed={args.seed}", f"run.output_dir={out_dir}",
                        "tracking.run_name=example", "tracking.wandb_mode=disabled", *overrides])
     summary = train.run(cfg)
-    curve = [{k: r.get(k) for k in ("step", "reward/mean", "loss/policy", "mismatch/kl_k3",
+    curve = [{k: r.get(k) for k in ("step", "reward/mean", "loss/policy", "rollout_corr/k3_kl",
                                     "sync/mb", "rollout/version")} for r in read_metrics(summary["run_dir"])]
     if args.out:
         with open(args.out, "w") as f:

@@ -10,8 +10,12 @@ only a `.step-*.partial-*` directory, which the next `save` removes. Then all bu
 `keep` checkpoints are deleted. `latest` returns the newest checkpoint that loads; one whose
 files are missing, truncated or unreadable is skipped with a warning that names it.
 
-The identity (`identity(config)`: model, quantization scheme, task) is what a resume must not
-change; `check_identity` names the first field that differs. Left out: the rollout engine's
+The identity (`identity(config)`) is what a resume must not change: the model, the rollout
+scheme and the task (else it is another run), the placement with its worker, engine and TP
+counts (the sampling and the optimizer state's layout follow them), and the schedule
+(`run.steps`, `policy.warmup_steps`: the LR and AQN schedules are shaped by them);
+`check_identity` names the first field that differs (`train` checks before anything starts).
+A field an older checkpoint did not record is not compared. Left out: the rollout engine's
 weights (they are the trainer's, pushed again on resume) and the vLLM state (a fresh engine).
 """
 
@@ -44,17 +48,26 @@ class RunState:
     wandb_id: str | None = None
 
 
+IDENTITY_KEYS = ("model", "task", "rollout.scheme", "placement.mode", "trainer.num_workers",
+                 "rollout.num_engines", "rollout.tensor_parallel_size", "run.steps", "policy.warmup_steps")
+
+
 def identity(config: dict) -> dict:
-    """The parts of a run's config a resume must keep: model, rollout scheme, task."""
-    return {"model": config["model"], "rollout.scheme": config["rollout"]["scheme"],
-            "task": config["task"]}
+    """The parts of a run's (resolved, nested) config a resume must keep (module docstring)."""
+    out = {}
+    for key in IDENTITY_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
 
 
 def check_identity(saved: dict, current: dict) -> None:
-    for key in saved.keys() | current.keys():
-        if saved.get(key) != current.get(key):
+    for key in sorted(saved.keys() & current.keys(), key=IDENTITY_KEYS.index):
+        if saved[key] != current[key]:
             raise ValueError(f"cannot resume: {key} differs from the checkpointed run "
-                             f"({saved.get(key)!r} there, {current.get(key)!r} now)")
+                             f"({saved[key]!r} there, {current[key]!r} now)")
 
 
 def rng_state() -> dict:

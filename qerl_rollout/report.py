@@ -84,7 +84,7 @@ def write_report(run_dir: str | Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     _plot(axes[0, 0], rows, [("reward/mean", "train"), ("eval/reward", "eval"),
                              ("eval/reward_bf16", "eval, BF16")], "reward")
-    _plot(axes[0, 1], rows, [("mismatch/kl_k3", "KL(rollout || trainer), k3")],
+    _plot(axes[0, 1], rows, [("rollout_corr/k3_kl", "KL(rollout || trainer), k3")],
           "rollout/trainer mismatch", "KL")
     _right_axis(axes[0, 1], rows, "mismatch/is_weight_mean", "mean IS weight", "IS weight", 1.0)
     _plot(axes[0, 2], rows, [("rollout/tokens_per_s", "quantized engine")], "rollout speed", "tokens/s")

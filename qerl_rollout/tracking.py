@@ -26,10 +26,13 @@ wandb; the first time a key goes non-finite a warning names it and the step.
 Metric names (`group/name`, so wandb groups the panels):
     reward/mean, reward/std          GRPO reward over the step's samples
     loss/policy                      the GRPO policy loss
-    mismatch/kl_k1, mismatch/kl_k3   KL(pi_rollout || pi_old) per token, k1 and k3 estimators
-    mismatch/is_weight_mean          mean truncated importance weight trainer/rollout
-    mismatch/is_clipped_frac         fraction of tokens whose IS weight was truncated
-    mismatch/ess                     effective sample size of the IS weights, as a fraction
+    rollout_corr/*                   verl's rollout-vs-trainer diagnostics, computed verl's way
+                                     (`rl.mismatch.rollout_corr_metrics`): kl, k3_kl (KL(pi_rollout
+                                     || pi_old) per token, k1 and k3), chi2_token, chi2_seq, *_ppl,
+                                     log_ppl_diff, ppl_ratio, rollout_is_mean (before truncation),
+                                     rollout_is_eff_sample_size, rollout_is_ratio_fraction_high/low,
+                                     rollout_rs_masked_fraction (rejected tokens)
+    mismatch/is_weight_mean, _max    mean / max of the truncated IS weights the loss uses
     rollout/seconds                  wall time of generation
     rollout/tokens_per_s             generated tokens per second (the speed that matters)
     rollout/response_len             mean response length in tokens

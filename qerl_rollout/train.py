@@ -361,12 +361,11 @@ def _aqn(cfg, next_step: int):
     return norm_transform(cfg.aqn, cfg.run.steps, next_step)
 
 
-# Policy metrics -> logged names; the IS-weight ones exist only when mismatch.level != none.
+# Policy metrics -> logged names, besides verl's `rollout_corr/*` (logged as they come); the
+# IS-weight ones exist only when mismatch.level != none.
 _POLICY_METRICS = {
     "loss/policy": "loss", "train/grad_norm": "grad_norm",
-    "mismatch/kl_k1": "mismatch_kl_k1", "mismatch/kl_k3": "mismatch_kl_k3",
-    "mismatch/is_weight_mean": "is_weight_mean", "mismatch/is_clipped_frac": "is_clipped_frac",
-    "mismatch/ess": "is_ess",
+    "mismatch/is_weight_mean": "is_weight_mean", "mismatch/is_weight_max": "is_weight_max",
 }
 
 
@@ -376,6 +375,7 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
         "reward/mean": rewards[rewards.isfinite()].mean().item(),
         "reward/std": rewards[rewards.isfinite()].std().item(),
         **{name: metrics[key] for name, key in _POLICY_METRICS.items() if key in metrics},
+        **{key: value for key, value in metrics.items() if key.startswith("rollout_corr/")},
         "rollout/seconds": rollout_s, "rollout/tokens_per_s": tokens / max(rollout_s, 1e-9),
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
         "train/seconds": train_s, "sync/seconds": report.seconds["total"],
@@ -420,7 +420,7 @@ def _print_step(step: int, steps: int, m: dict) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(f"step {step}/{steps}  reward {m['reward/mean']:.3f}  loss {m['loss/policy']:+.4f}  "
-          f"mismatch_kl {m['mismatch/kl_k3']:.1e}  rollout {m['rollout/seconds']:.1f}s  "
+          f"k3_kl {m['rollout_corr/k3_kl']:.1e}  rollout {m['rollout/seconds']:.1f}s  "
           f"train {m['train/seconds']:.1f}s  push v{m['sync/version']} {m['sync/mb']:.2f} MB "
           f"{m['sync/seconds']:.2f}s" + _speedup_text(m) + _eval_text(m))
 

@@ -5,7 +5,8 @@ starting with a top-level directory of the repo (`qerl_rollout/sync/`). It resol
 exists from the repo root, or if some file or directory of the repo ends with it (so
 `kernels/ct_oracle.py` and `sync/sharded.py` may be written relative to their package).
 Exempt: outputs a run, a benchmark or wandb writes (`run_dir/...`, `bench/results/...`,
-`files/...`), globs, and the placeholders of usage lines (`PLACEHOLDERS`).
+`files/...`), paths inside the dependencies (`EXTERNAL`: `vllm/...`, `verl/...`), globs, and
+the placeholders of usage lines (`PLACEHOLDERS`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ EXT = ("py", "md", "yaml", "yml", "toml", "sh", "cpp", "txt")
 PATH = re.compile(r"(?<![\w/.~$<{*-])((?:[\w.-]+/)*[\w-]+\.(?:%s)|(?:%s)/[\w./-]*[\w/])(?![\w(*])"
                   % ("|".join(EXT), "|".join(re.escape(t) for t in TOP)))
 GENERATED = ("run_dir/", "bench/results", "files/")
+EXTERNAL = ("verl/", "vllm/", "torch/", "transformers/", "peft/", "compressed_tensors/", "ray/")
 PLACEHOLDERS = {"FILE.yaml"}
 SKIP_DIRS = {".git", ".venv", ".pytest_cache", ".ruff_cache", "__pycache__", "build"}
 
@@ -40,7 +42,7 @@ def named_paths(text: str) -> list[str]:
     found = []
     for m in PATH.finditer(text):
         path = m.group(1).rstrip("/")
-        if path.startswith(GENERATED) or path in PLACEHOLDERS:
+        if path.startswith(GENERATED + EXTERNAL) or path in PLACEHOLDERS:
             continue
         found.append(path)
     return found

@@ -26,7 +26,7 @@ from qerl_rollout.tracking import read_metrics
 
 ARGS = ["run.steps=6", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
         "tracking.wandb_mode=offline"]
-COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "mismatch/kl_k3",
+COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "rollout_corr/k3_kl",
             "rollout/response_len", "rollout/version", "sync/version")
 
 
@@ -54,6 +54,14 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
     resume = [f"run.output_dir={tmp_path}", "tracking.run_name=killed", "run.resume=true", *ARGS]
     refused = train.main([*resume, "rollout.scheme=nvfp4"])
     assert refused == 2 and "cannot resume: rollout.scheme differs" in capsys.readouterr().err
+    # The schedule and the placement too, refused before any engine or actor starts.
+    assert train.main([*resume, "run.steps=9"]) == 2
+    assert "cannot resume: run.steps differs from the checkpointed run (6 there, 9 now)" in capsys.readouterr().err
+    assert train.main([*resume, "placement.mode=split"]) == 2
+    assert "cannot resume: placement.mode differs" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
     assert train.main(resume) == 0
     err = capsys.readouterr().err
     resumed_after = int(err.split("resume: continuing after step ")[1].split()[0])

@@ -109,7 +109,7 @@ def _check_three_steps(run_dir, placement: str) -> list[dict]:
     assert [r["sync/version"] for r in rows] == [1, 2, 3]
     assert rows[1]["sync/mb"] < rows[0]["sync/mb"]            # delta pushes after the first
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
-    assert all(0 < r["mismatch/kl_k3"] < 1e-2 for r in rows)   # the engines serve the trainer's policy
+    assert all(0 < r["rollout_corr/k3_kl"] < 1e-2 for r in rows)   # the engines serve the trainer's policy
     assert json.loads((run_dir / "config.json").read_text())["placement"]["mode"] == placement
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
@@ -240,7 +240,7 @@ def test_runs_that_used_to_crash(tmp_path, overrides):
     rows = read_metrics(tmp_path / "r")
     assert [r["step"] for r in rows] == [1, 2]
     if "mismatch.level=none" in overrides:
-        assert "mismatch/is_weight_mean" not in rows[1] and "mismatch/kl_k3" in rows[1]
+        assert "mismatch/is_weight_mean" not in rows[1] and "rollout_corr/k3_kl" in rows[1]
         assert "router/topk_agreement" in rows[1]
     else:   # a BF16 rollout routes exactly like the policy: no agreement to measure
         assert "router/topk_agreement" not in rows[1]

@@ -13,9 +13,13 @@ Rejection drops instead of reweighting: with `reject="token"` tokens whose rho i
 geometric-mean ratio is outside the band do. Rejection and weighting combine.
 
 All inputs are (B, T) response-token tensors (see `rl.grpo`); nothing here carries gradient.
-Metrics describe how far apart the two policies are: KL(pi_rollout || pi_old) estimated with
-k1 and k3 on the sampled tokens, weight mean/max, the fraction of truncated weights, the
-effective sample size ESS = (sum w)^2 / (N sum w^2) in (0, 1], and the rejected fraction.
+
+Metrics describe how far apart the two policies are, under verl's names and computed verl's
+way (`rollout_corr_metrics`; verl's `verl/trainer/ppo/rollout_corr_helper.py`, read at commit
+b178a3c, `compute_offpolicy_metrics` and `compute_is_metrics`), so that verl users read the
+numbers they know: on the mask before rejection, IS statistics before truncation, ESS of the
+weights clamped to [1/C, C]. Ours are kept only where verl has none: `is_weight_mean`, the
+mean of the truncated weights the loss uses, after rejection.
 Left out: per-token masking by vocabulary, and bias-corrected (unbiased) TIS variants.
 """
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qerl_rollout.rl.grpo import kl_penalty, masked_mean
+from qerl_rollout.rl.grpo import kl_penalty
 
 IS_LEVELS = ("none", "token", "sequence", "geometric")
 REJECT_MODES = ("none", "token", "sequence")
@@ -96,15 +100,63 @@ def rejection_mask(
     return mask * keep.to(mask.dtype)
 
 
-def mismatch_metrics(
-    logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor
-) -> dict[str, float]:
-    """KL(pi_rollout || pi_old) on the sampled tokens, k1 and k3 estimators, token-mean."""
-    old, rollout = logp_old.detach().float(), logp_rollout.detach().float()
-    return {
-        "mismatch_kl_k1": masked_mean(kl_penalty(rollout, old, "k1"), mask).item(),
-        "mismatch_kl_k3": masked_mean(kl_penalty(rollout, old, "k3"), mask).item(),
+_SAFETY = 20.0   # verl's SAFETY_BOUND: log-ratios are clamped to +-20 before exp
+
+
+def rollout_corr_metrics(logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
+                         level: str = "token", cap: float = 2.0) -> dict[str, float]:
+    """verl's `rollout_corr/*` diagnostics of (B, T) logp_old (verl's "training") against
+    logp_rollout on `mask` (before rejection); keys without the `rollout_corr/` prefix.
+
+    With lr = logp_old - logp_rollout (log rho), token means over all valid tokens of the
+    batch, per-row means m_i, and means over all B rows:
+      kl = mean_t(-lr)                k3_kl = mean_t(exp(lr) - lr - 1)  (no clamp)
+      chi2_token = mean_t(exp(2 lr)) - 1, chi2_seq = mean_i(exp(2 sum_t lr)) - 1  (lr clamped)
+      training_ppl / rollout_ppl = mean_i exp(-m_i(logp))
+      log_ppl_diff = mean_i d_i, log_ppl_abs_diff = mean_i |d_i|, ppl_ratio = mean_i exp(d_i),
+        d_i = m_i(logp_rollout) - m_i(logp_old)
+      rollout_is_mean: mean_t of the untruncated weight (token: rho_t; sequence: prod_t rho_t,
+        broadcast); rollout_is_ratio_fraction_high / _low: weights above C / below 1/C
+        (token level: of tokens; sequence level: of rows); rollout_is_eff_sample_size =
+        1 / mean_t((w / mean_t w)^2) with w clamped to [1/C, C].
+    verl has no geometric level: there the rollout_is_* keys are left out.
+    """
+    old, rollout = logp_old.detach().double(), logp_rollout.detach().double()
+    m = mask.to(torch.float64)
+    n = m.sum() + 1e-8
+
+    def token_mean(x):
+        return ((x * m).sum() / n).item()
+
+    def row_mean(x):
+        return (x * m).sum(-1) / (m.sum(-1) + 1e-8)
+
+    lr = (old - rollout) * m
+    d = row_mean(rollout) - row_mean(old)
+    out = {
+        "kl": token_mean(-lr), "k3_kl": token_mean(torch.exp(lr) - lr - 1),
+        "chi2_token": token_mean(torch.exp(2 * lr.clamp(-_SAFETY, _SAFETY))) - 1.0,
+        "chi2_seq": torch.exp(2 * lr.sum(-1).clamp(-_SAFETY, _SAFETY)).mean().item() - 1.0,
+        "training_ppl": torch.exp(-row_mean(old)).mean().item(),
+        "rollout_ppl": torch.exp(-row_mean(rollout)).mean().item(),
+        "log_ppl_diff": d.mean().item(), "log_ppl_abs_diff": d.abs().mean().item(),
+        "ppl_ratio": torch.exp(d).mean().item(),
     }
+    if level not in ("token", "sequence"):
+        return out
+    if level == "token":
+        w = torch.exp(lr.clamp(-_SAFETY, _SAFETY))
+        high, low = token_mean((w > cap).double()), token_mean((w < 1 / cap).double())
+    else:
+        log_w = lr.sum(-1, keepdim=True)
+        w = torch.exp(log_w.clamp(-_SAFETY, _SAFETY)).expand_as(lr)
+        high = (log_w > torch.log(torch.tensor(cap))).double().mean().item()
+        low = (log_w < -torch.log(torch.tensor(cap))).double().mean().item()
+    clamped = w.clamp(1 / cap, cap)
+    ess = 1.0 / token_mean((clamped / (token_mean(clamped) + 1e-8)) ** 2)
+    out.update({"rollout_is_mean": token_mean(w), "rollout_is_ratio_fraction_high": high,
+                "rollout_is_ratio_fraction_low": low, "rollout_is_eff_sample_size": ess})
+    return out
 
 
 def quantization_cost(logp_quant: list[list[float]], logp_bf16: list[list[float]]) -> dict[str, float]:
@@ -123,30 +175,31 @@ def quantization_cost(logp_quant: list[list[float]], logp_bf16: list[list[float]
             "logp_gap_mean": gap.mean().item(), "logp_gap_max": gap.max().item()}
 
 
-def weight_metrics(weights: torch.Tensor, rho: torch.Tensor, mask: torch.Tensor, cap: float):
-    """Mean/max of the weights, fraction truncated at `cap`, ESS over the mask's tokens."""
+def weight_metrics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and max of the truncated weights the loss uses, over the tokens left after
+    rejection (verl has no such key: its rollout_is_mean is before truncation)."""
     on = mask.bool()
     if not on.any():
-        return {"is_weight_mean": 0.0, "is_weight_max": 0.0, "is_clipped_frac": 0.0, "is_ess": 0.0}
+        return {"is_weight_mean": 0.0, "is_weight_max": 0.0}
     w = weights[on]
-    ess = w.sum().square() / (w.numel() * w.square().sum()).clamp(min=1e-12)
-    return {
-        "is_weight_mean": w.mean().item(),
-        "is_weight_max": w.max().item(),
-        "is_clipped_frac": (rho[on] > cap).float().mean().item(),
-        "is_ess": ess.item(),
-    }
+    return {"is_weight_mean": w.mean().item(), "is_weight_max": w.max().item()}
 
 
 def correct_mismatch(
     logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, cfg: MismatchConfig
 ) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
-    """-> (is_weights (B, T) or None when level == "none", mask after rejection, metrics)."""
-    metrics = mismatch_metrics(logp_old, logp_rollout, mask)
+    """-> (is_weights (B, T) or None when level == "none", mask after rejection, metrics).
+
+    Metrics: `rollout_corr/*` (verl's, `rollout_corr_metrics`, before rejection and
+    truncation), `rollout_corr/rollout_rs_masked_fraction` (verl's: the token fraction
+    rejected) and our `is_weight_mean` / `is_weight_max` of the weights the loss uses.
+    """
+    metrics = {f"rollout_corr/{k}": v for k, v in
+               rollout_corr_metrics(logp_old, logp_rollout, mask, cfg.level, cfg.cap).items()}
     kept = rejection_mask(logp_old, logp_rollout, mask, cfg)
-    metrics["rejected_frac"] = 1.0 - kept.sum().item() / max(mask.sum().item(), 1.0)
+    metrics["rollout_corr/rollout_rs_masked_fraction"] = 1.0 - kept.sum().item() / max(mask.sum().item(), 1.0)
     if cfg.level == "none":
         return None, kept, metrics
-    weights, rho = importance_weights(logp_old, logp_rollout, kept, cfg.level, cfg.cap)
-    metrics.update(weight_metrics(weights, rho, kept, cfg.cap))
+    weights, _ = importance_weights(logp_old, logp_rollout, kept, cfg.level, cfg.cap)
+    metrics.update(weight_metrics(weights, kept))
     return weights, kept, metrics

@@ -480,10 +480,11 @@ def _to_cpu(tree):
 
 
 # Per-rank train_step metrics -> the global batch's: sums, values every rank shares, and
-# token-weighted means of the per-rank means (exact for token means; is_ess and other
+# token-weighted means of the per-rank means (exact for token means; the ESS, per-row and other
 # nonlinear statistics become the weighted mean of the ranks' values).
 _SUMMED = ("loss", "response_tokens")
 _SHARED = ("grad_norm", "lr")
+_MAXED = ("is_weight_max",)
 
 
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -499,6 +500,8 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
             out[key] = sum(values)
         elif key in _SHARED:
             out[key] = values[0]
+        elif key in _MAXED:
+            out[key] = max(values)
         else:
             out[key] = sum(v * w for v, w in zip(values, weights)) / total
     return out

@@ -13,7 +13,7 @@ How a push works (`WeightSync.push(model)`):
    weights and LoRA factors) is checked for NaN/Inf. A failure raises with the tensor's name
    and the engine keeps serving its current version.
 3. Stream, in layer order: merge LoRA (fp32) -> cut into checkpoint pieces -> group into
-   units -> requantize through the plan (`stream.encode_unit`) -> bucket -> `engine.load`.
+   units -> requantize through the plan (`wire.stream.encode_unit`) -> bucket -> `engine.load`.
    The trainer's weights are read, never written, and no second full state dict is built:
    at most one decoder layer plus one bucket is alive at a time.
 4. Commit: the engine bumps its version and drops its prefix cache. If anything fails after
@@ -195,6 +195,18 @@ class WeightSync:
         self._pushed = now
         self._norms_transformed = norm_transform is not None
         return report
+
+    def rebase(self, before: dict[str, tuple], after: dict[str, tuple]) -> None:
+        """Carry the last push's record across a move that keeps every value (a trainer's
+        `to_device` round trip, which gives every tensor new storage and so a new
+        fingerprint): a tensor unchanged since that push before the move (`before`, a
+        `merge.fingerprint`) is unchanged after it (`after`); one that had changed stays
+        changed. Without this every push after a move would be full."""
+        if self._pushed is None:
+            return
+        for name, key in before.items():
+            if self._pushed.get(name) == key and name in after:
+                self._pushed[name] = after[name]
 
     @property
     def plan(self) -> QuantPlan | None:

@@ -109,7 +109,14 @@ class TrainerWorker:
         self.policy.save_adapter(path)
 
     def to_device(self, device: str) -> None:
+        """Move this rank's state; the syncs keep their delta record (`WeightSync.rebase`)."""
+        from qerl_rollout.sync.merge import fingerprint
+
+        before = fingerprint(self.policy.model)
         self.policy.to_device(device)
+        after = fingerprint(self.policy.model)
+        for sync in self.syncs.values():
+            sync.rebase(before, after)
 
 
 TrainerWorkerActor = ray.remote(TrainerWorker)

@@ -149,7 +149,7 @@ def test_fixed_batch_training_raises_the_objective(policy):
     end = objective()
     assert losses[-1] < losses[0] - 0.05, losses
     assert end > start + 0.05, (start, end)
-    for key in ("is_weight_mean", "mismatch_kl_k3", "pg_clipfrac", "grad_norm", "lr"):
+    for key in ("is_weight_mean", "rollout_corr/k3_kl", "pg_clipfrac", "grad_norm", "lr"):
         assert key in metrics
     # the adapters moved the policy; the reference (adapters off) did not move
     assert not torch.allclose(policy.logprobs(batch), logp_old, atol=1e-2)
