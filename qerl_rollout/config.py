@@ -9,10 +9,11 @@ fails where it is written, not deep inside a run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qerl_rollout.evaluation import EvalConfig
+from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
@@ -50,7 +51,7 @@ class ModelConfig:
 class RolloutConfig:
     """The rollout engine and how it samples."""
 
-    scheme: str = "fp8_block"
+    scheme: str = DEFAULT_SCHEME
     mode: str = "auto"
     group_size: int = 8            # samples per prompt (the GRPO group)
     prompts_per_step: int = 8
@@ -209,9 +210,8 @@ class TrainConfig:
         if self.run.resume and not self.tracking.run_name:
             raise ValueError("run.resume=true needs tracking.run_name: the run to continue")
         self._check_placement()
-        if self.grpo.group_size != self.rollout.group_size:
-            raise ValueError(f"grpo.group_size ({self.grpo.group_size}) must equal rollout.group_size "
-                             f"({self.rollout.group_size}): advantages are normalised per sampled group")
+        # One key: the GRPO group is the samples per prompt (`load_config` refuses grpo.group_size).
+        self.grpo = replace(self.grpo, group_size=self.rollout.group_size)
 
 
     def _check_placement(self) -> None:
@@ -282,6 +282,10 @@ def load_config(argv: list[str]) -> TrainConfig:
     schema = OmegaConf.structured(TrainConfig)
     try:
         layers = [OmegaConf.load(config_path(n)) for n in names[-1:]]
+        if any(OmegaConf.select(layer, "grpo.group_size") is not None for layer in layers) or any(
+                a.startswith("grpo.group_size=") for a in overrides):
+            raise ValueError("grpo.group_size is rollout.group_size (the samples per prompt, the GRPO "
+                             "group); set rollout.group_size")
         merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BLOCK_WIDTH = {"fp8_block": 128, "nvfp4": 16}
+from qerl_rollout.quant import SCHEMES, get_scheme
 
 
 class LayoutError(ValueError):
@@ -135,7 +135,7 @@ def check_model(model_config: dict, tp: int, scheme: str, trainer_ranks: int) ->
     if kv_heads % tp and tp % kv_heads:
         raise LayoutError(f"rollout.tensor_parallel_size={tp} and the model's {kv_heads} KV heads: "
                          "one must divide the other")
-    block = BLOCK_WIDTH.get(scheme)
+    block = get_scheme(scheme).block_width if scheme in SCHEMES else None
     if block and tp > 1:
         widths = {"attention (heads x head_dim)": heads * head_dim,
                   "intermediate_size": text.get("intermediate_size"),

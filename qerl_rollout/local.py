@@ -4,7 +4,7 @@
 `workers.placement.RayPlacement`):
 
     trainer    train_step(batch, advantages, logp_rollout) -> metrics
-               push(target, aqn_step=, version=, full=, digest=) -> SyncReport
+               push(target, noise=, version=, full=, digest=) -> SyncReport  (noise: rl.aqn.NormNoise)
                reference_logprobs(probe, scheme) -> per-token logprobs, or None
                state_dict() / load_state_dict(state) / save_adapter(path)
     rollout    generate(prompt_ids, **sampling) -> [Sample], score(...), score_each(...), receiver
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -49,9 +48,9 @@ class LocalRollout:
 class LocalTrainer:
     """A `Policy` and the weight syncs into its engines, behind the trainer interface."""
 
-    def __init__(self, policy, aqn, total_steps: int, bucket_bytes: int):
+    def __init__(self, policy, bucket_bytes: int):
         self.policy = policy
-        self.aqn, self.total_steps, self.bucket_bytes = aqn, total_steps, bucket_bytes
+        self.bucket_bytes = bucket_bytes
         self.syncs = {}
 
     def connect(self, target: str, receiver) -> None:
@@ -62,13 +61,10 @@ class LocalTrainer:
     def train_step(self, batch, advantages, logp_rollout) -> dict:
         return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
 
-    def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
+    def push(self, target: str = "rollout", *, noise=None, version: int | None = None,
              full: bool = False, digest: bool = False):
-        from qerl_rollout.rl.aqn import norm_transform
-
-        noise = None if aqn_step is None else norm_transform(self.aqn, self.total_steps, aqn_step)
-        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full,
-                                       digest=digest)
+        return self.syncs[target].push(self.policy.model, norm_transform=noise and noise.transform(),
+                                       version=version, full=full, digest=digest)
 
     def reference_logprobs(self, probe, scheme: str):
         """The push check's reference: the probe under the policy's QDQ copy (`sync.verify`)."""
@@ -93,12 +89,12 @@ class LocalPlacement:
     def __init__(self, cfg, model_dir: Path, policy_cfg, grpo, *, with_baseline: bool, engine_options: dict):
         from qerl_rollout.config import QuantConfig
         from qerl_rollout.rl.policy import Policy
+        from qerl_rollout.rollout.engine import set_engine_env
 
         r = cfg.rollout
         self.baseline = self.rollout = None
-        self.trainer = LocalTrainer(Policy(policy_cfg, grpo, cfg.mismatch), cfg.aqn, cfg.run.steps,
-                                    r.bucket_mb << 20)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.kv_cache_gib))
+        self.trainer = LocalTrainer(Policy(policy_cfg, grpo, cfg.mismatch), r.bucket_mb << 20)
+        set_engine_env(r.kv_cache_gib)
         try:
             self.rollout = LocalRollout(model_dir, QuantConfig(r.scheme, r.mode), **engine_options)
             self.trainer.connect("rollout", self.rollout.receiver)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-SCHEME_CHOICES = ("fp8_block", "fp8_channel", "int8", "nvfp4")
+from qerl_rollout.quant import SCHEMES
+
+SCHEME_CHOICES = SCHEMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

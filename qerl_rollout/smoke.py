@@ -10,15 +10,17 @@ cost. This is the embedded CPU default until the training entry point lands.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
+from qerl_rollout.quant import DEFAULT_SCHEME
+from qerl_rollout.rollout.types import QUANT_SCHEMES
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m qerl_rollout.smoke", description=__doc__.splitlines()[0])
-    p.add_argument("--scheme", default="fp8_block", choices=["bf16", "fp8_block", "fp8_channel", "int8", "nvfp4"])
+    p.add_argument("--scheme", default=DEFAULT_SCHEME, choices=QUANT_SCHEMES)
     p.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "qwen2_moe", "mixtral"])
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -35,7 +37,9 @@ def _show(tag, samples, tokenizer):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from qerl_rollout.rollout.engine import set_engine_env
+
+    set_engine_env(1)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -39,6 +39,7 @@ def run(cfg) -> dict:
     """Train for `cfg.run.steps` steps; returns the summary (also written to the run dir)."""
     from qerl_rollout.config import config_dict
     from qerl_rollout.rl import group_advantages
+    from qerl_rollout.rl.aqn import norm_noise
     from qerl_rollout.rl.policy import TokenBatch
     from qerl_rollout.tracking import Tracker
 
@@ -62,7 +63,7 @@ def run(cfg) -> dict:
             cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
             wandb_id=resumed.wandb_id if resumed else None))
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
-            trainer.push(aqn_step=done, version=version)
+            trainer.push(noise=norm_noise(cfg.aqn, cfg.run.steps, done), version=version)
         check = _push_check(cfg, placement)
         try:
             for step in _progress(done, cfg.run.steps):
@@ -90,12 +91,13 @@ def run(cfg) -> dict:
                 placement.phase("push")
                 # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
                 verify = check.due(step)
-                report = trainer.push(aqn_step=step, digest=verify)
+                noise = norm_noise(cfg.aqn, cfg.run.steps, step)   # the AQN of the push serving `step`
+                report = trainer.push(noise=noise, digest=verify)
                 logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
                 if verify:
                     logged.update(check.run(
-                        trainer, rollout, report, samples, noisy=_aqn(cfg, step) is not None,
-                        push_again=lambda s=step: trainer.push(aqn_step=s, full=True, digest=True)))
+                        trainer, rollout, report, samples, noisy=noise is not None,
+                        push_again=lambda n=noise: trainer.push(noise=n, full=True, digest=True)))
                 logged.update(measured)
                 logged.update(reward_stats)
                 if _router_stats_due(cfg, step):
@@ -352,13 +354,6 @@ def _router_stats_due(cfg, step: int) -> bool:
     """Router agreement compares BF16 with the quantized copy: nothing to compare under bf16."""
     every = cfg.run.router_stats_every
     return bool(every) and step % every == 0 and cfg.rollout.scheme != "bf16"
-
-
-def _aqn(cfg, next_step: int):
-    """The norm transform for the push serving 0-based step `next_step` (None: no noise)."""
-    from qerl_rollout.rl.aqn import norm_transform
-
-    return norm_transform(cfg.aqn, cfg.run.steps, next_step)
 
 
 # Policy metrics -> logged names, besides verl's `rollout_corr/*` (logged as they come); the

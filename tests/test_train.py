@@ -34,8 +34,10 @@ def test_overrides_and_their_errors():
         load_config(["config=grpo_tiny_cpu", "rollout.scheme=int3"])
     with pytest.raises(ValueError, match="model.path"):
         load_config(["config=grpo_qwen3_30b"])
-    with pytest.raises(ValueError, match="group_size"):
-        load_config(["config=grpo_tiny_cpu", "rollout.group_size=4"])
+    # One key for the GRPO group: rollout.group_size sets it, grpo.group_size is refused with a pointer.
+    assert load_config(["config=grpo_tiny_cpu", "rollout.group_size=4"]).grpo.group_size == 4
+    with pytest.raises(ValueError, match="grpo.group_size is rollout.group_size"):
+        load_config(["config=grpo_tiny_cpu", "grpo.group_size=4"])
     with pytest.raises(ValueError, match="temperature"):
         load_config(["config=grpo_tiny_cpu", "rollout.temperature=0"])
     with pytest.raises(ValueError, match="max_model_len"):
@@ -117,12 +119,17 @@ def _check_three_steps(run_dir, placement: str) -> list[dict]:
 
 
 def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
+    """`norm_noise` is what the loop passes to every push (the one place the schedule is read)."""
+    from qerl_rollout.rl.aqn import norm_noise
+
     cfg = load_config(["config=grpo_tiny_cpu", "aqn.enabled=true", "run.steps=20"])
-    assert train._aqn(cfg, 0) is None and train._aqn(cfg, 1) is None   # first of K=10 intervals
-    noise = train._aqn(cfg, 2)
+    assert norm_noise(cfg.aqn, 20, 0) is None and norm_noise(cfg.aqn, 20, 1) is None  # first of K=10
+    spec = norm_noise(cfg.aqn, 20, 2)
+    assert spec.sigma == pytest.approx(1e-2) and spec == norm_noise(cfg.aqn, 20, 2)    # one seed per step
     w = torch.ones(256, dtype=torch.bfloat16)
-    noisy = noise("model.layers.0.input_layernorm.weight", w)
+    noisy = spec.transform()("model.layers.0.input_layernorm.weight", w)
     assert torch.equal(w, torch.ones(256, dtype=torch.bfloat16))
+    assert torch.equal(noisy, spec.transform()("model.layers.0.input_layernorm.weight", w))  # every rank alike
     # sigma 1e-2 at interval 1: BF16 spacing at 1.0 is 2^-7, so most entries move.
     assert (noisy != w).float().mean() > 0.3
     assert load_config(["config=grpo_tiny_cpu"]).aqn.enabled is False

@@ -72,8 +72,9 @@ def cpu_name() -> str:
 
 def vllm_env_defaults(kv_cache_gib: int = 1) -> None:
     """What every engine benchmark sets before vLLM starts (an explicit environment wins)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from qerl_rollout.rollout.engine import set_engine_env
+
+    set_engine_env(kv_cache_gib)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

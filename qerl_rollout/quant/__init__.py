@@ -7,6 +7,6 @@ kernels (a C++ fast path on CPU with a plain torch twin) live in `kernels/`.
 """
 
 from qerl_rollout.quant.core import QuantizedWeight, quantize
-from qerl_rollout.quant.formats import SCHEMES, QuantScheme, get_scheme
+from qerl_rollout.quant.formats import DEFAULT_SCHEME, SCHEMES, QuantScheme, get_scheme
 
-__all__ = ["SCHEMES", "QuantScheme", "QuantizedWeight", "get_scheme", "quantize"]
+__all__ = ["DEFAULT_SCHEME", "SCHEMES", "QuantScheme", "QuantizedWeight", "get_scheme", "quantize"]

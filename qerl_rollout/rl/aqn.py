@@ -106,19 +106,33 @@ def aqn_stream(
     yield from apply_aqn(named_tensors, sigma, generator, cfg.include, cfg.exclude)
 
 
-def norm_transform(cfg: AQNConfig, total_steps: int, next_step: int):
-    """The weight sync's `norm_transform` for the push that serves 0-based step `next_step`,
-    or None (AQN off, or a noise-free interval). Seeded by (cfg.seed, next_step), so every
-    process that builds it for the same step (the driver, a trainer rank) draws the same noise."""
+@dataclass(frozen=True)
+class NormNoise:
+    """The AQN of one push: its sigma and the seed of its draw. Small and picklable: the loop
+    computes it once per push (`norm_noise`) and every trainer rank builds the same transform
+    from it, so all ranks (and a re-push) draw the same noise."""
+
+    sigma: float
+    seed: int
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    def transform(self):
+        """The weight sync's `norm_transform`: included norm weights -> w + N(0, sigma^2)."""
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def noise(name, tensor):
+            return next(apply_aqn([(name, tensor)], self.sigma, gen, self.include, self.exclude))[1]
+
+        return noise
+
+
+def norm_noise(cfg: AQNConfig, total_steps: int, next_step: int) -> NormNoise | None:
+    """The AQN of the push that serves 0-based step `next_step`, or None (AQN off, or a
+    noise-free interval); seeded by (cfg.seed, next_step)."""
     if not cfg.enabled:
         return None
     sigma = aqn_sigma(next_step, total_steps, cfg.sigma_start, cfg.sigma_end, cfg.num_intervals)
     if sigma <= 0:
         return None
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + next_step)
-    include, exclude = tuple(cfg.include), tuple(cfg.exclude)
-
-    def noise(name, tensor):
-        return next(apply_aqn([(name, tensor)], sigma, gen, include, exclude))[1]
-
-    return noise
+    return NormNoise(sigma, cfg.seed * 1_000_003 + next_step, tuple(cfg.include), tuple(cfg.exclude))

@@ -391,7 +391,10 @@ class Policy:
         if not self.distributed:
             return {"lora": self.lora_tensors(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "step": self.step}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         optim = get_optimizer_state_dict(self.model, self.optimizer,
                                          options=StateDictOptions(full_state_dict=True))
@@ -424,7 +427,10 @@ class Policy:
             raise ValueError(f"LoRA tensors differ: missing {sorted(params.keys() - lora.keys())[:3]}, "
                              f"unexpected {sorted(lora.keys() - params.keys())[:3]}")
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
 
             set_model_state_dict(self.model, lora, options=StateDictOptions(full_state_dict=True, strict=False))
             return
@@ -441,7 +447,10 @@ class Policy:
                              f"{'> 1' if state.get('format') else '= 1'}")
         self.load_lora(state["lora"])
         if self.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
 
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))

@@ -64,11 +64,29 @@ from pathlib import Path
 
 import torch
 
+from qerl_rollout.quant import SCHEMES, get_scheme
 from qerl_rollout.rollout.types import EngineStateError, QuantConfig, Sample
 from qerl_rollout.wire.bucket import digests
 from qerl_rollout.wire.stream import carries_experts, decode_payload
 
 log = logging.getLogger(__name__)
+
+
+def engine_env(kv_cache_gib: float | None = 1) -> dict[str, str]:
+    """The environment this project's vLLM engines run with (the one home of these defaults):
+    the engine core in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: weight reloads
+    take tensors directly) and, unless None, the CPU KV cache in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    return env
+
+
+def set_engine_env(kv_cache_gib: float | None = 1) -> None:
+    """`engine_env` into `os.environ` where not already set (an explicit environment wins);
+    call it before vLLM is imported."""
+    for key, value in engine_env(kv_cache_gib).items():
+        os.environ.setdefault(key, value)
 
 
 def enable_cpu_amx() -> bool:
@@ -111,12 +129,10 @@ def kernel_supported(scheme: str) -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return _cpu_kernel_supported(scheme)
     major, minor = torch.cuda.get_device_capability()
-    if scheme.startswith("fp8") and (major, minor) < (8, 9):
-        return False, f"FP8 W8A8 needs compute capability >= 8.9, found {major}.{minor}"
-    if scheme == "nvfp4" and major < 8:
-        return False, f"NVFP4 (Marlin) needs compute capability >= 8.0, found {major}.{minor}"
-    if scheme == "int8" and (major, minor) < (7, 5):
-        return False, f"INT8 W8A8 (CUTLASS) needs compute capability >= 7.5, found {major}.{minor}"
+    need = get_scheme(scheme).gpu_capability
+    if (major, minor) < need:
+        return False, (f"{get_scheme(scheme).gpu_kernel} needs compute capability >= {need[0]}.{need[1]}, "
+                       f"found {major}.{minor}")
     return True, f"compute capability {major}.{minor}"
 
 
@@ -125,7 +141,7 @@ def _cpu_kernel_supported(scheme: str) -> tuple[bool, str]:
     kernels on AMD Zen (its platform switches to ZenCpuPlatform when zentorch imports), or its
     own oneDNN GEMM and `CPUExpertsInt8` where the CPU has AMX. Elsewhere it refuses an INT8
     MoE ("No Int8 MoE backend"). It has no NVFP4 kernel and no FP8 one that was tested here."""
-    if scheme != "int8":
+    if not get_scheme(scheme).cpu_kernel:
         return False, f"vLLM-CPU has no {scheme} kernel tested here (FP8 needs AMX, NVFP4 has none)"
     from vllm.platforms import current_platform
 
@@ -188,7 +204,7 @@ def resolve_mode(quant: QuantConfig) -> str:
     return quant.mode
 
 
-_CPU_KERNEL_SCHEMES = ("int8",)   # schemes with CPU kernels somewhere: their fallback is news
+_CPU_KERNEL_SCHEMES = tuple(s for s in SCHEMES if get_scheme(s).cpu_kernel)   # their fallback is news
 _warned_fallback: set[str] = set()
 
 
@@ -339,7 +355,7 @@ class RolloutEngine:
         """`max_model_len` (prompt + generated tokens) defaults to the model's
         `max_position_embeddings`, capped at DEFAULT_MAX_MODEL_LEN (the KV cache is sized by
         it); a value above the model's own limit is refused here rather than deep in vLLM."""
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        set_engine_env(kv_cache_gib=None)   # the KV cache size stays the caller's (or vLLM's)
         enable_cpu_amx()
         from vllm import LLM
         from vllm.platforms import current_platform

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qerl_rollout.quant import SCHEMES
+from qerl_rollout.quant import DEFAULT_SCHEME, SCHEMES
 
 QUANT_SCHEMES = ("bf16", *SCHEMES)
 QUANT_MODES = ("auto", "kernel", "emulate")
@@ -25,7 +25,7 @@ class QuantConfig:
             platform has the kernels and emulate elsewhere (`resolve_mode`).
     """
 
-    scheme: str = "fp8_block"
+    scheme: str = DEFAULT_SCHEME
     mode: str = "auto"
 
     def __post_init__(self):

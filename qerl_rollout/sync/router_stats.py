@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.sync.merge import merged_named_tensors
 from qerl_rollout.wire.stream import qdq_named_tensors
@@ -94,7 +95,7 @@ def topk_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def router_topk_agreement(policy: nn.Module, rollout: nn.Module, input_ids: torch.Tensor,
                           plan: QuantPlan | None = None) -> RouterAgreement:
-    plan = plan or build_plan(_plain_config(policy), "fp8_block")
+    plan = plan or build_plan(_plain_config(policy), DEFAULT_SCHEME)
     a = selected_experts(policy, plan, input_ids)
     b = selected_experts(rollout, plan, input_ids)
     per_layer, fractions, exact = {}, [], []

@@ -34,12 +34,12 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from qerl_rollout.quant.plan import QuantPlan
 from qerl_rollout.dist import row_range
+from qerl_rollout.quant import SCHEMES, get_scheme
+from qerl_rollout.quant.plan import QuantPlan
 from qerl_rollout.sync.merge import Shard, merged_shards
 from qerl_rollout.wire.stream import NormTransform, Piece, Unit, encode_unit, transform_norms, units
 
-FP8_BLOCK = 128
 Payload = list[tuple[str, torch.Tensor]]
 
 
@@ -126,11 +126,12 @@ def assemble(per_rank: list[Payload]) -> Payload:
 
 def _quantizes_locally(piece: Piece, plan: QuantPlan, scheme: str, world: int) -> bool:
     """Can this rank quantize its rows of `piece` alone? (see module docstring, step 2)"""
-    if piece.stacked or scheme != "fp8_block":
+    block_rows = get_scheme(scheme).block_rows if scheme in SCHEMES else 1
+    if piece.stacked or block_rows == 1:
         return True
     rows = plan[piece.source].shape[0]
     chunk = row_range(rows, 0, world)[1]
-    return chunk % FP8_BLOCK == 0 or chunk >= rows
+    return chunk % block_rows == 0 or chunk >= rows
 
 
 def _local_pieces(plan: QuantPlan, shards: Iterator[Shard], rank: int, counts: dict) -> Iterator[Piece]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qerl_rollout.quant import DEFAULT_SCHEME
+
 # Measured (tests/rollout/test_engine_sync.py): an emulate engine and the trainer's fp32 QDQ
 # forward of the same pushed LoRA policy differ by 0.002-0.03 max |dlogp| over the four tiny
 # MoE families (DeepSeek's MLA the largest); a stale or wrongly quantized layer moves them by
@@ -95,7 +97,7 @@ def reference_logprobs(model: nn.Module, scheme: str, probe: Probe) -> list[list
     from qerl_rollout.quant.plan import build_plan
     from qerl_rollout.sync.router_stats import _plain_config, qdq_copy
 
-    plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else "fp8_block")
+    plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else DEFAULT_SCHEME)
     device = next(model.parameters()).device
     copy = qdq_copy(model, scheme, plan).float().to(device)
     out = []

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
@@ -214,7 +215,7 @@ class WeightSync:
 
     # -- steps ----------------------------------------------------------------------------
     def _plan_for(self, model: nn.Module) -> QuantPlan:
-        scheme = self.scheme if self.scheme != "bf16" else "fp8_block"
+        scheme = self.scheme if self.scheme != "bf16" else DEFAULT_SCHEME
         if self._plan is None:
             # From the config (meta device): plain transformers names, whatever peft wrapped.
             self._plan = build_plan(_base_model(model).config, scheme)

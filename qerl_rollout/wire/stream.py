@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qerl_rollout.quant import QuantizedWeight, quantize
+from qerl_rollout.quant import QuantizedWeight, get_scheme, quantize
 from qerl_rollout.quant.plan import QuantPlan
 
 _LAYER = re.compile(r"^(.*?\blayers\.\d+)\.")
@@ -157,7 +157,8 @@ def quantize_unit(unit: Unit, plan: QuantPlan, scheme: str,
                   row_amax_reduce: AmaxReduce | None = None) -> list[tuple[Piece, QuantizedWeight | None]]:
     """Each piece of a unit with its `QuantizedWeight` (None for exempt pieces or `bf16`)."""
     quantized = [p for p in unit.pieces if scheme != "bf16" and plan.for_checkpoint(p.names[0]).quantized]
-    group_amax = _group_amax(plan, quantized, row_amax_reduce) if scheme == "nvfp4" else None
+    shared = bool(quantized) and get_scheme(scheme).group_global_scale
+    group_amax = _group_amax(plan, quantized, row_amax_reduce) if shared else None
     quantized_ids = {id(p) for p in quantized}
     return [(p, _quantize_piece(p, scheme, group_amax) if id(p) in quantized_ids else None)
             for p in unit.pieces]

@@ -131,8 +131,7 @@ class RayPlacement:
             log.info("placement %s", self.layout.describe())
             self._pg = placement_group(self.layout.bundles, strategy="PACK")
             ray.get(self._pg.ready(), timeout=600)
-            self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch,
-                                            cfg.aqn, cfg.run.steps)
+            self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch)
             self.rollout = self._engines(model_dir, self.layout.engines, cfg.rollout.scheme, engine_options)
             self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20,
                                  self.rollout.names)

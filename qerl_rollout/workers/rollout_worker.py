@@ -29,14 +29,9 @@ from pathlib import Path
 
 import ray
 
+from qerl_rollout.rollout.engine import engine_env, set_engine_env
 from qerl_rollout.rollout.types import QuantConfig, Sample
 from qerl_rollout.workers.transport import PackedBucket, unpack_bucket
-
-
-def engine_env(kv_cache_gib: float = 1) -> dict[str, str]:
-    """Environment a vLLM engine needs inside an actor process."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
 
 
 class RolloutWorker:
@@ -44,8 +39,7 @@ class RolloutWorker:
 
     def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
                  seed: int = 0, max_model_len: int = 1024, **engine_options):
-        for key, value in engine_env().items():
-            os.environ.setdefault(key, value)
+        set_engine_env()
         from qerl_rollout.rollout.engine import RolloutEngine  # imports vLLM lazily
 
         self.engine = RolloutEngine(model_dir, quant, seed=seed, max_model_len=max_model_len,

@@ -61,7 +61,7 @@ class TrainerWorker:
             port = s.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def setup(self, address: str, policy_cfg, grpo, mismatch, aqn, total_steps: int) -> None:
+    def setup(self, address: str, policy_cfg, grpo, mismatch) -> None:
         cuda = torch.cuda.is_available()
         if self.world > 1:
             import torch.distributed as dist
@@ -72,22 +72,19 @@ class TrainerWorker:
                                     rank=self.rank, world_size=self.world)
         device = policy_cfg.device if policy_cfg.device != "auto" else ("cuda" if cuda else "cpu")
         self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
-        self.aqn, self.total_steps = aqn, total_steps
 
     def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
         receiver = RayWeightReceiver(engine_workers) if self.rank == 0 else None
+        # No retry inside the sync: `RayTrainer.push` retries a transport failure, on every rank.
         self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme,
-                                        bucket_bytes=bucket_bytes)
+                                        bucket_bytes=bucket_bytes, retry_full_on_transport_error=False)
 
     def train_step(self, batch: TokenBatch, advantages, logp_rollout) -> dict:
         return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
 
-    def push(self, target: str, aqn_step: int | None, version: int | None, full: bool, digest: bool = False):
-        from qerl_rollout.rl.aqn import norm_transform
-
-        noise = None if aqn_step is None else norm_transform(self.aqn, self.total_steps, aqn_step)
-        return self.syncs[target].push(self.policy.model, norm_transform=noise, version=version, full=full,
-                                       digest=digest)
+    def push(self, target: str, noise, version: int | None, full: bool, digest: bool = False):
+        return self.syncs[target].push(self.policy.model, norm_transform=noise and noise.transform(),
+                                       version=version, full=full, digest=digest)
 
     def reference_logprobs(self, probe, scheme: str):
         """The push check's reference (`sync.verify`); None on a sharded trainer, which holds no
@@ -156,8 +153,7 @@ class RayTrainer:
         self._engines: dict[str, tuple[list, list[str]]] = {}
 
     @classmethod
-    def start(cls, slots: list[Slot], placement_group, policy_cfg, grpo, mismatch, aqn,
-              total_steps: int) -> RayTrainer:
+    def start(cls, slots: list[Slot], placement_group, policy_cfg, grpo, mismatch) -> RayTrainer:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         world = len(slots)
@@ -172,7 +168,7 @@ class RayTrainer:
         trainer = cls(workers, infos)
         try:
             address = ray.get(workers[0].address.remote())
-            trainer._all("setup", address, policy_cfg, grpo, mismatch, aqn, total_steps)
+            trainer._all("setup", address, policy_cfg, grpo, mismatch)
         except BaseException:
             trainer.close()
             raise
@@ -195,17 +191,17 @@ class RayTrainer:
         self._all("connect", target, engine_workers, scheme, bucket_bytes)
         self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
-    def push(self, target: str = "rollout", *, aqn_step: int | None = None, version: int | None = None,
+    def push(self, target: str = "rollout", *, noise=None, version: int | None = None,
              full: bool = False, digest: bool = False):
         """Push on every rank; rank 0's report. A transport failure: a dead engine is named
         (`WorkerDiedError`), anything else is retried once in full."""
         try:
-            return self._all("push", target, aqn_step, version, full, digest)[0]
+            return self._all("push", target, noise, version, full, digest)[0]
         except TransportError as e:
             workers, names = self._engines[target]
             wait_all([w.process.remote() for w in workers], names)
             log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
-            return self._all("push", target, aqn_step, version, True, digest)[0]
+            return self._all("push", target, noise, version, True, digest)[0]
 
     def reference_logprobs(self, probe, scheme: str):
         return self._all("reference_logprobs", probe, scheme)[0]

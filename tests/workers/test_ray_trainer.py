@@ -16,7 +16,6 @@ from one_step import GRPO, assert_same_adamw_step, batch, policy_config, single_
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Slot, WorkerDiedError
-from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.workers import start_rollout_worker
 from qerl_rollout.workers.placement import EnginePool
@@ -40,7 +39,7 @@ def trainer(ray_cluster, tiny_qwen3_moe):
     pg = placement_group([{"CPU": 1}, {"CPU": 1}])
     ray.get(pg.ready())
     t = RayTrainer.start([Slot(0, 1, 0), Slot(1, 1, 0)], pg, policy_config(tiny_qwen3_moe), GRPO,
-                         MismatchConfig(), AQNConfig(), 10)
+                         MismatchConfig())
     yield t
     t.close()
     remove_placement_group(pg)

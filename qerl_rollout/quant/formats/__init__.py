@@ -9,7 +9,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from qerl_rollout.quant.formats.registry import QuantScheme, get_scheme, register, scheme_names
+from qerl_rollout.quant.formats.registry import (
+    DEFAULT_SCHEME,
+    QuantScheme,
+    get_scheme,
+    register,
+    scheme_names,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "registry":
@@ -17,4 +23,4 @@ for _module in pkgutil.iter_modules(__path__):
 
 SCHEMES: tuple[str, ...] = scheme_names()
 
-__all__ = ["SCHEMES", "QuantScheme", "get_scheme", "register"]
+__all__ = ["DEFAULT_SCHEME", "SCHEMES", "QuantScheme", "get_scheme", "register"]

@@ -26,6 +26,10 @@ class Fp8Block(QuantScheme):
     format = "float-quantized"
     preset = "FP8_BLOCK"
     keys = ("weight", "weight_scale")
+    block_width = 128
+    block_rows = 128
+    gpu_capability = (8, 9)
+    gpu_kernel = "FP8 W8A8"
 
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_fp8, scale = kernels.fp8(w_3d, BLOCK)

@@ -22,6 +22,8 @@ class Fp8Channel(QuantScheme):
     format = "float-quantized"
     preset = "FP8_DYNAMIC"
     keys = ("weight", "weight_scale")
+    gpu_capability = (8, 9)
+    gpu_kernel = "FP8 W8A8"
 
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_fp8, scale = kernels.fp8(w_3d, (1, w_3d.shape[-1]))  # scale: (E, N, 1)

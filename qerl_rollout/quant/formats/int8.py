@@ -27,6 +27,9 @@ class Int8(QuantScheme):
     format = "int-quantized"
     preset = "W8A8"
     keys = ("weight", "weight_scale")
+    gpu_capability = (7, 5)
+    gpu_kernel = "INT8 W8A8 (CUTLASS)"
+    cpu_kernel = True
 
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_int8, scale = kernels.int8(w_3d)  # scale: (E, N, 1)

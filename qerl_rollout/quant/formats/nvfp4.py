@@ -29,6 +29,10 @@ class Nvfp4(QuantScheme):
     format = "nvfp4-pack-quantized"
     preset = "NVFP4A16"
     keys = ("weight_packed", "weight_scale", "weight_global_scale")
+    block_width = 16
+    group_global_scale = True
+    gpu_capability = (8, 0)
+    gpu_kernel = "NVFP4 (Marlin)"
 
     def check_shape(self, shape: tuple[int, int, int]) -> None:
         if shape[-1] % GROUP:

@@ -24,10 +24,25 @@ _REGISTRY: dict[str, QuantScheme] = {}
 
 
 class QuantScheme(ABC):
+    """Everything the rest of the package asks of a scheme lives on its class: the code
+    outside `quant/` reads these attributes and never names a scheme."""
+
     name: ClassVar[str]
     format: ClassVar[str]  # compressed-tensors CompressionFormat value
     preset: ClassVar[str]  # the compressed-tensors preset scheme this reproduces
     keys: ClassVar[tuple[str, ...]]  # suffixes of compressed() in order
+    # Scale blocks: columns per block along K (a TP shard's width must be a multiple: `layout`),
+    # rows per block along N (an FSDP rank quantizes its rows alone only if its row chunk is a
+    # multiple: `sync.sharded`), and one global scale per fused q/k/v or gate/up group
+    # (`wire.stream`: the group's max amax).
+    block_width: ClassVar[int | None] = None
+    block_rows: ClassVar[int] = 1
+    group_global_scale: ClassVar[bool] = False
+    # vLLM's kernels (`rollout.engine.kernel_supported`): the least CUDA compute capability and
+    # the kernel's name for messages; `cpu_kernel`: vLLM-CPU has one on some CPUs (AMX, zentorch).
+    gpu_capability: ClassVar[tuple[int, int]] = (8, 9)
+    gpu_kernel: ClassVar[str] = ""
+    cpu_kernel: ClassVar[bool] = False
 
     def check_shape(self, shape: tuple[int, int, int]) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if an (E, N, K) weight cannot use this scheme (default: any shape)."""
@@ -59,6 +74,9 @@ def register(cls: type[QuantScheme]) -> type[QuantScheme]:
         raise ValueError(f"quantization scheme {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls()
     return cls
+
+
+DEFAULT_SCHEME = "fp8_block"   # the configs' default, and the plan a bf16 push is cut by
 
 
 def scheme_names() -> tuple[str, ...]:

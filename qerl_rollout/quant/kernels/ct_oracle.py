@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-PRESETS = {"fp8_block": "FP8_BLOCK", "fp8_channel": "FP8_DYNAMIC", "nvfp4": "NVFP4A16", "int8": "W8A8"}
-FORMATS = {"fp8_block": "float-quantized", "fp8_channel": "float-quantized",
-           "nvfp4": "nvfp4-pack-quantized", "int8": "int-quantized"}
+from qerl_rollout.quant.formats import SCHEMES, get_scheme
+
+PRESETS = {name: get_scheme(name).preset for name in SCHEMES}   # the registry's, by name
+FORMATS = {name: get_scheme(name).format for name in SCHEMES}
 
 
 def ct_scheme(name: str):
