@@ -62,15 +62,14 @@ class TrainerWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def setup(self, address: str, policy_cfg, grpo, mismatch) -> None:
-        cuda = torch.cuda.is_available()
+        device = resolve_device(policy_cfg.device, torch.cuda.is_available())
         if self.world > 1:
             import torch.distributed as dist
 
-            if cuda:
+            if device.startswith("cuda"):
                 torch.cuda.set_device(0)   # Ray shows each actor its own GPU(s)
-            dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{address}",
+            dist.init_process_group(process_group_backend(device), init_method=f"tcp://{address}",
                                     rank=self.rank, world_size=self.world)
-        device = policy_cfg.device if policy_cfg.device != "auto" else ("cuda" if cuda else "cpu")
         self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
 
     def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
@@ -117,6 +116,17 @@ class TrainerWorker:
 
 
 TrainerWorkerActor = ray.remote(TrainerWorker)
+
+
+def resolve_device(name: str, cuda_available: bool) -> str:
+    """`policy.device` for a rank: "auto" is cuda where the actor sees a GPU, else cpu."""
+    return ("cuda" if cuda_available else "cpu") if name == "auto" else name
+
+
+def process_group_backend(device: str) -> str:
+    """The trainer group's backend follows the device the model is on, not what the host has:
+    NCCL for CUDA tensors, gloo for CPU ones (`policy.device=cpu` on a GPU host included)."""
+    return "nccl" if device.startswith("cuda") else "gloo"
 
 
 def wait_all(refs: list, names: list[str]) -> list:

@@ -92,3 +92,15 @@ def test_two_engines_sample_what_one_engine_samples_after_a_sharded_push(trainer
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.parametrize("device, cuda, want", [
+    ("auto", True, ("cuda", "nccl")), ("auto", False, ("cpu", "gloo")),
+    ("cpu", True, ("cpu", "gloo")),          # a CPU policy on a GPU host: gloo, not NCCL on CPU tensors
+    ("cuda:0", True, ("cuda:0", "nccl")),
+])
+def test_the_process_group_backend_follows_the_policys_device(device, cuda, want):
+    from qerl_rollout.workers.trainer import process_group_backend, resolve_device
+
+    got = resolve_device(device, cuda)
+    assert (got, process_group_backend(got)) == want
