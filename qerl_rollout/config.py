@@ -34,6 +34,7 @@ class ModelConfig:
     path: str = ""
     tiny_family: str = "qwen3_moe"
     tiny_size: str = "tiny"        # a shape of qerl_rollout.tiny.SIZES (larger ones: qwen3_moe only)
+    shape: str = ""                # configs/shapes/<shape>.json: what `plan` reads without model.path
 
     def __post_init__(self):
         from qerl_rollout.tiny import SIZES

@@ -156,7 +156,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def load_lora_model(cfg: PolicyConfig, device: torch.device):
     """Load `cfg.model_path` in `cfg.dtype` and wrap it in a peft LoRA model."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
@@ -164,7 +164,14 @@ def load_lora_model(cfg: PolicyConfig, device: torch.device):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(
+    return get_peft_model(model, lora_config(cfg))
+
+
+def lora_config(cfg: PolicyConfig):
+    """The peft `LoraConfig` of the policy (also what `planner` counts on the meta device)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -173,7 +180,6 @@ def load_lora_model(cfg: PolicyConfig, device: torch.device):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
 
 
 def build_optimizer(params, cfg: PolicyConfig):

@@ -36,6 +36,9 @@ def test_register_decorator_adds_a_scheme():
         def scheme_args(self):
             return {"weights": None, "input_activations": None}
 
+        def nbytes(self, n, k):
+            return n * k * 2
+
     try:
         qw = quantize(torch.ones(2, 3, dtype=torch.bfloat16), "dummy_test")
         assert torch.equal(qw.dequantize(), torch.ones(2, 3, dtype=torch.bfloat16))

@@ -31,6 +31,9 @@ class Fp8Block(QuantScheme):
     gpu_capability = (8, 9)
     gpu_kernel = "FP8 W8A8"
 
+    def nbytes(self, n: int, k: int) -> int:
+        return n * k + -(-n // BLOCK[0]) * -(-k // BLOCK[1]) * 2       # fp8 + one bf16 scale per block
+
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_fp8, scale = kernels.fp8(w_3d, BLOCK)
         return {"weight": w_fp8, "weight_scale": scale}

@@ -25,6 +25,9 @@ class Fp8Channel(QuantScheme):
     gpu_capability = (8, 9)
     gpu_kernel = "FP8 W8A8"
 
+    def nbytes(self, n: int, k: int) -> int:
+        return n * k + n * 2                                            # fp8 + one bf16 scale per row
+
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_fp8, scale = kernels.fp8(w_3d, (1, w_3d.shape[-1]))  # scale: (E, N, 1)
         return {"weight": w_fp8, "weight_scale": scale}

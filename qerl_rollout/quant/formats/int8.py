@@ -31,6 +31,9 @@ class Int8(QuantScheme):
     gpu_kernel = "INT8 W8A8 (CUTLASS)"
     cpu_kernel = True
 
+    def nbytes(self, n: int, k: int) -> int:
+        return n * k + n * 2                                            # int8 + one bf16 scale per row
+
     def quantize(self, w_3d: torch.Tensor, global_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         w_int8, scale = kernels.int8(w_3d)  # scale: (E, N, 1)
         return {"weight": w_int8, "weight_scale": scale}

@@ -34,6 +34,9 @@ class Nvfp4(QuantScheme):
     gpu_capability = (8, 0)
     gpu_kernel = "NVFP4 (Marlin)"
 
+    def nbytes(self, n: int, k: int) -> int:
+        return n * k // 2 + n * (k // GROUP) + 4                        # e2m1 pairs, e4m3 per 16, fp32 global
+
     def check_shape(self, shape: tuple[int, int, int]) -> None:
         if shape[-1] % GROUP:
             raise ValueError(

@@ -44,6 +44,10 @@ class QuantScheme(ABC):
     gpu_kernel: ClassVar[str] = ""
     cpu_kernel: ClassVar[bool] = False
 
+    @abstractmethod
+    def nbytes(self, n: int, k: int) -> int:
+        """Bytes of the compressed tensors of one (N, K) BF16 weight (what an export writes)."""
+
     def check_shape(self, shape: tuple[int, int, int]) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if an (E, N, K) weight cannot use this scheme (default: any shape)."""
 

@@ -1,0 +1,112 @@
+"""`python -m qerl_rollout.plan`: the memory and push arithmetic, checked where it can be exact.
+
+- Hand-derived: a 2-layer dense Qwen3 (hidden 64, 4 heads of 16, 2 KV heads, MLP 128, vocab
+  256) has 2 x 16 384 embedding/head + 2 x 37 024 layer + 64 norm parameters; LoRA r 4 on
+  q/k/v/o adds 2 x 1 792; its fp8_block export stores each of the 7 linears as N x K fp8
+  bytes plus one bf16 scale per 128 x 128 block, the rest in BF16. The plan's table rows are
+  those numbers divided as the docstring of `planner` says.
+- Exact against the real thing: the engine bytes equal the bytes of the tensors a real export
+  of the tiny Qwen3-MoE writes, for every scheme; the LoRA count equals a real `Policy`'s.
+- The three GPU configs print a table; `grpo_qwen3_30b` is refused in one line (today every
+  rank gathers the full state dict at save: the frozen 61 GB base with it), exit status 1.
+Not checked here: the activation estimate against a measured peak (open).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from one_step import policy_config
+from safetensors import safe_open
+
+from qerl_rollout.config import load_config
+from qerl_rollout.planner import GIB, count, model_config, plan
+from qerl_rollout.quant import SCHEMES
+from qerl_rollout.quant.export import export_checkpoint
+from qerl_rollout.rl.policy import Policy
+
+DENSE = {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 16, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 256,
+         "max_position_embeddings": 512, "tie_word_embeddings": False}
+
+
+def _tiny_cfg(*overrides):
+    return load_config(["config=grpo_tiny_cpu", "policy.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+                        "policy.lora_rank=4", *overrides])
+
+
+def test_dense_counts_by_hand():
+    cfg = _tiny_cfg()
+    c = count(DENSE, cfg.policy, "fp8_block")
+    linears = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # (N, K): q k v o gate up down
+    per_layer = sum(n * k for n, k in linears) + 16 + 16 + 64 + 64        # + q_norm, k_norm, 2 RMSNorms
+    assert per_layer == 37_024
+    assert c.base_params == 2 * 256 * 64 + 2 * per_layer + 64
+    assert c.layer_params == per_layer
+    assert c.lora_params == 2 * (4 * (64 + 64) + 2 * 4 * (64 + 32) + 4 * (64 + 64))  # q, k, v, o
+    fp8 = sum(n * k + 2 for n, k in linears)                              # every linear is one 128x128 block
+    bf16 = 2 * (2 * 256 * 64 + 2 * (16 + 16 + 64 + 64) + 64)
+    assert c.engine_bytes == 2 * fp8 + bf16
+    attention = sum(n * k + 2 for n, k in linears[:4]) + 2 * (16 + 16)   # the self_attn unit, q/k norms in it
+    assert c.delta_bytes == 2 * attention
+
+
+def test_the_table_divides_as_documented():
+    cfg = _tiny_cfg("placement.mode=colocated", "trainer.num_workers=2", "rollout.num_engines=2",
+                    "run.router_stats_every=0", "rollout.gpu_memory_utilization=0.5")
+    c = count(DENSE, cfg.policy, "fp8_block")
+    p = plan(cfg, c, gpu_gib=1.0, gbps=1.0)
+    rows = {r["component"]: r["gib"] * GIB for r in p.rows}
+    assert rows["BF16 weights (1/N)"] == c.base_params * 2 / 2
+    assert rows["AdamW moments (1/N)"] == c.lora_params * 8 / 2
+    assert rows["one layer all-gathered (BF16)"] == c.layer_params * 2
+    assert rows["save: full state dict gathered"] == c.base_params * 2 + c.lora_params * 12
+    assert rows["weights (fp8_block, TP 1)"] == c.engine_bytes
+    assert rows[next(k for k in rows if k.startswith("KV cache"))] == 0.5 * GIB - c.engine_bytes
+    tokens = int((0.5 * GIB - c.engine_bytes) // (2 * 2 * 2 * 16 * 2))    # 2 x layers x KV heads x head_dim x bf16
+    assert f"KV cache ({tokens} tokens)" in rows
+    assert p.peaks["colocated: push phase"] == pytest.approx(p.peaks["trainer rank (step)"] + p.peaks["engine"])
+    assert p.push["delta_s"] == pytest.approx(c.delta_bytes / 1e9)
+    assert p.refusal is None
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_engine_bytes_equal_a_real_export(tiny_qwen3_moe, tmp_path, scheme):
+    export_checkpoint(tiny_qwen3_moe, tmp_path / scheme, scheme, progress=False)
+    written = 0
+    for f in (tmp_path / scheme).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118
+                t = st.get_tensor(key)
+                written += t.numel() * t.element_size()
+    cfg = _tiny_cfg()
+    assert count(model_config(str(tiny_qwen3_moe), ""), cfg.policy, scheme).engine_bytes == written
+
+
+def test_lora_count_equals_a_real_policy(tiny_qwen3_moe):
+    pc = policy_config(tiny_qwen3_moe)
+    real = sum(p.numel() for p in Policy(pc).model.parameters() if p.requires_grad)
+    assert count(model_config(str(tiny_qwen3_moe), ""), pc, "fp8_block").lora_params == real
+
+
+@pytest.mark.parametrize("name, fits", [("grpo_qwen3_8b", True), ("grpo_qwen3_30b_nvfp4", False),
+                                        ("grpo_qwen3_30b", False)])
+def test_the_gpu_configs_print_a_table(name, fits, tmp_path, capsys):
+    from qerl_rollout.plan import main
+
+    status = main([f"config={name}", "--json", str(tmp_path / "plan.json")])
+    out, err = capsys.readouterr()
+    assert "trainer rank" in out and "engine (per TP rank)" in out and "push: full" in out
+    table = json.loads((tmp_path / "plan.json").read_text())
+    assert status == (0 if fits else 1) and (table["refusal"] is None) == fits
+    if not fits:   # one line, naming the rank, the component and the GiB
+        assert err.count("\n") == 1 and err.startswith("does not fit: trainer rank at save:")
+        assert "GiB" in err
+
+
+def test_no_model_to_plan_is_one_line(capsys):
+    from qerl_rollout.plan import main
+
+    assert main(["config=grpo_qwen3_8b", "model.shape=nope"]) == 2
+    assert "set model.path, or model.shape to one of ['qwen3_30b_a3b', 'qwen3_8b']" in capsys.readouterr().err
