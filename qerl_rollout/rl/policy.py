@@ -24,7 +24,8 @@ length) are all-reduced before the loss, so the summed gradient is that of the g
 token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank may have one
 micro-batch fewer than another; it runs zero-weighted filler passes to the common count, since
 each FSDP2 forward and backward is a collective (unequal counts hang). `state_dict` / `load_state_dict` then speak full
-(unsharded) tensors, the single-process format, through torch.distributed.checkpoint.
+(unsharded) tensors, the single-process format, through torch.distributed.checkpoint: gathered
+onto rank 0's CPU only, one tensor at a time, without the frozen base.
 Left out: multiple PPO epochs inside one call (call `train_step` again with the same
 `logp_old`).
 """
@@ -392,7 +393,8 @@ class Policy:
     def state_dict(self) -> dict:
         """What a run needs to continue training: LoRA tensors, optimizer, scheduler, step.
 
-        Distributed: a collective; every rank returns the full tensors (on the CPU).
+        Distributed: a collective; rank 0 returns the full LoRA tensors and optimizer state on
+        its CPU (gathered one tensor at a time, the frozen base never), the others empty ones.
         """
         if not self.distributed:
             return {"lora": self.lora_tensors(), "optimizer": self.optimizer.state_dict(),
@@ -403,18 +405,24 @@ class Policy:
         )
 
         optim = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True))
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"lora": self.lora_tensors(), "optimizer": _to_cpu(optim),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "format": "fsdp_full"}
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor, whole, on the CPU (distributed: a collective)."""
+        """Every trainable tensor, whole, on the CPU.
+
+        Distributed: a collective that gathers the trainable tensors only (the frozen BF16 base
+        is never gathered: `ignore_frozen_params`), one at a time, onto rank 0's CPU
+        (`cpu_offload`); the other ranks get an empty dict.
+        """
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.distributed:
             return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in names}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        full = get_model_state_dict(self.model, options=options)
         return {n: t.detach().cpu().clone() for n, t in full.items() if n in names}
 
     def to_device(self, device: str | torch.device) -> None:
