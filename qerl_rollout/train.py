@@ -27,6 +27,7 @@ Left out: asynchronous (off-policy) rollouts overlapping the trainer's step.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -453,17 +454,28 @@ def _summary(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- command
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record is emitted (not when it was
+    made: a caller, or pytest, may swap it between runs in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _console_logging() -> None:
     """This package's INFO lines (an engine's start, the placement, the trainer workers) and
     any logger's warnings on stderr, once per process; vLLM's go to the run's vllm.log
     (`route_vllm_logs`). The handler sits on the root logger, so records still propagate
     (pytest's caplog sees them) and no library's `logging.info` installs a second one."""
-    import logging
-
     root = logging.getLogger()
     if any(getattr(h, "qerl_console", False) for h in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.addFilter(lambda r: r.name.startswith("qerl_rollout") or r.levelno >= logging.WARNING)
     handler.qerl_console = True
