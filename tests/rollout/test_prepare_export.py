@@ -3,7 +3,7 @@
 bf16 and emulate engines load the BF16 checkpoint (no export); engines on GPUs get one for
 `mode=auto` (the driver cannot see their kernels); engines on this machine follow
 `resolve_mode` here. A kernel-mode engine never exports itself: without `export_dir` it
-refuses in one line (checked where this CPU has INT8 kernels).
+refuses in one line (its load-dir decision is checked on every CPU, no engine started).
 """
 
 from __future__ import annotations
@@ -32,8 +32,17 @@ def test_engines_here_follow_resolve_mode(tiny_qwen3_moe, tmp_path, scheme):
     assert (out is not None) == (resolve_mode(QuantConfig(scheme)) == "kernel")
 
 
-def test_a_kernel_engine_without_an_export_refuses(tiny_qwen3_moe):
-    if resolve_mode(QuantConfig("int8")) != "kernel":
-        pytest.skip("no INT8 kernel on this CPU: no kernel-mode engine can start here")
+def test_a_kernel_engine_without_an_export_refuses(tiny_qwen3_moe, tmp_path):
+    """The load-dir decision of a kernel-mode int8 engine, on every CPU: this one may have no
+    INT8 kernel, so the engine is not started; `_load_dir` is the code its `__init__` runs
+    before vLLM is touched."""
+    engine = RolloutEngine.__new__(RolloutEngine)
+    engine.model_dir, engine.quant, engine.scheme, engine.mode = tiny_qwen3_moe, QuantConfig("int8"), "int8", "kernel"
     with pytest.raises(ValueError, match="pass export_dir=prepare_export"):
-        RolloutEngine(tiny_qwen3_moe, QuantConfig("int8"), max_model_len=128)
+        engine._load_dir(None)
+    with pytest.raises(FileNotFoundError, match="holds no export"):
+        engine._load_dir(tmp_path)
+    export = prepare_export(tiny_qwen3_moe, QuantConfig("int8"), engines_on_gpu=True, cache_root=tmp_path / "c")
+    assert engine._load_dir(export) == export
+    engine.mode = "emulate"
+    assert engine._load_dir(None) == tiny_qwen3_moe
