@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qerl_rollout.phases import check_phase
+
 
 class LocalRollout:
     """The rollout engine in this process (the in-process twin of `workers.placement.EnginePool`);
@@ -106,7 +108,8 @@ class LocalPlacement:
             raise
 
     def phase(self, name: str) -> None:
-        """Nothing moves in one process."""
+        """Nothing moves in one process (the name is still checked, as colocated would)."""
+        check_phase(name)
 
     def close(self) -> None:
         for engine in (self.baseline, self.rollout):

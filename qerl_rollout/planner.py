@@ -20,8 +20,10 @@ shapes and the run's config, per GPU, in GiB:
   quantized tensor, BF16 for the exempt ones), divided by TP; KV cache: what
   `gpu_memory_utilization` leaves after the weights, in tokens (2 x layers x KV heads x
   head_dim BF16 values per token and TP rank);
-- colocated: each phase's peak on a GPU shared by a trainer rank and an engine (train: the
-  trainer, the engine asleep; rollout: the engine, the trainer on the host; push: both);
+- colocated: each phase's peak on a GPU shared by a trainer rank and an engine
+  (`qerl_rollout.phases`; train: the trainer, the engine asleep; rollout: the engine, the
+  trainer on the host; push: the trainer without its activations and the engine's weights,
+  whose KV cache wakes only after the trainer has left);
 - per step: the push's bytes, full and delta (the units LoRA touches), and their time at
   `--gbps` (a stated transport bandwidth, not a measurement);
 - host RAM per node: every trainer rank loads the whole BF16 checkpoint before sharding it;
@@ -179,8 +181,9 @@ def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan
     engine_gib = (weights + kv) / GIB
     out.peaks = {"trainer rank (step)": train_gib, "trainer rank (save)": save_gib, "engine": engine_gib}
     if cfg.placement.mode == "colocated":
+        push_gib = (sum(trainer.values()) - trainer["activations (one micro-batch)"] + weights) / GIB
         out.peaks.update({"colocated: train phase": train_gib, "colocated: rollout phase": engine_gib,
-                          "colocated: push phase": train_gib + engine_gib})
+                          "colocated: push phase": push_gib})
     out.peaks["host RAM per node (checkpoint loads)"] = n * counts.base_params * 2 / GIB
     out.peaks["host RAM of rank 0 at a save"] = counts.lora_params * 12 / GIB
     full, delta = counts.engine_bytes / GIB, counts.delta_bytes / GIB
@@ -213,5 +216,5 @@ def _refusal(out: Plan, trainer: dict, save: float, weights: float, kv: float, g
         return f"engine: weights {weights / GIB:.1f} GiB leave no KV cache on a {gpu_gib:g} GiB GPU"
     if "colocated: push phase" in out.peaks and out.peaks["colocated: push phase"] > gpu_gib:
         return (f"colocated push phase: {out.peaks['colocated: push phase']:.1f} GiB of a {gpu_gib:g} GiB GPU "
-                "(the engine wakes while the trainer is on the GPU)")
+                "(the trainer and the engine's weights; its KV cache wakes after the trainer leaves)")
     return None

@@ -66,6 +66,8 @@ def run(cfg) -> dict:
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
             trainer.push(noise=norm_noise(cfg.aqn, cfg.run.steps, done), version=version)
         check = _push_check(cfg, placement)
+        if baseline and _measures(cfg, done + 1):
+            baseline.push()      # later steps' baselines are pushed in the push phase before them
         try:
             for step in _progress(done, cfg.run.steps):
                 placement.phase("rollout")
@@ -78,7 +80,7 @@ def run(cfg) -> dict:
                 samples = rollout.generate(prompt_ids, **sampling)
                 t1 = time.perf_counter()
                 measured = {}
-                if baseline and cfg.rollout.baseline_every and step % cfg.rollout.baseline_every == 0:
+                if baseline and _measures(cfg, step):
                     measured = baseline.measure(rollout, prompt_ids, samples, **sampling)
                 placement.phase("train")
                 t1b = time.perf_counter()
@@ -95,27 +97,35 @@ def run(cfg) -> dict:
                 noise = norm_noise(cfg.aqn, cfg.run.steps, step)   # the AQN of the push serving `step`
                 report = trainer.push(noise=noise, digest=verify)
                 logged = _step_metrics(rewards, metrics, report, samples, t1 - t0, t2 - t1b)
+                evaluating = eval_data is not None and (step % cfg.eval.every == 0 or step == cfg.run.steps)
+                if baseline and (_measures(cfg, step + 1) or (evaluating and cfg.eval.bf16)):
+                    baseline.push()      # while the trainer is on its device (colocated: this phase only)
                 if verify:
                     logged.update(check.run(
                         trainer, rollout, report, samples, noisy=noise is not None,
-                        push_again=lambda n=noise: trainer.push(noise=n, full=True, digest=True)))
+                        push_again=lambda n=noise: _pushed_in_phase(placement, trainer, noise=n),
+                        serve=lambda: placement.phase("rollout")))
                 logged.update(measured)
                 logged.update(reward_stats)
                 if _router_stats_due(cfg, step):
                     logged.update(_router_metrics(cfg, trainer.policy, samples[0]))
-                if eval_data is not None and (step % cfg.eval.every == 0 or step == cfg.run.steps):
+                if evaluating:
+                    placement.phase("rollout")
                     logged.update(_eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop))
                 tracker.log(step, logged)
                 _print_step(step, cfg.run.steps, logged)
                 done, version = step, report.version
                 if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.run.steps:
+                    placement.phase("train")
                     _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
         except KeyboardInterrupt:
             if done > (resumed.step if resumed else 0):
+                placement.phase("train")     # the trainer back on its device (colocated)
                 path = _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
                 print(f"interrupted: step {done} is checkpointed in {path}; continue with "
                       f"run.resume=true tracking.run_name={cfg.tracking.run_name}", file=sys.stderr)
             raise
+        placement.phase("train")
         _checkpoint(cfg, run_dir, done, version, trainer, sampler, tracker, config)
         trainer.save_adapter(run_dir / "adapter")
         summary = _summary(run_dir)
@@ -333,11 +343,25 @@ def _rewards(samples, prompts, reward_fn, tokenizer, on_error: str = "zero"):
 
 
 def _step_seed(cfg, step: int) -> int:
-    """vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1, so step seeds
-    are `group_size` apart: no sample stream is ever reused by a later step (a stride of 1 gave
-    sample k of step s the stream of sample k + 1 of step s - 1). Runs with different
-    `run.seed` are 1_000_003 steps' worth of streams apart."""
-    return (cfg.run.seed * 1_000_003 + step) * cfg.rollout.group_size
+    """A step's generate call samples prompt i's k-th response from stream seed + i * n + k
+    (`RolloutEngine.generate`), so step seeds are `prompts_per_step * group_size` apart: no
+    stream is used twice in a run (a stride of one group gave sample k of step s the stream
+    of a sample of step s - 1). Runs with different `run.seed` are 1_000_003 steps' worth of
+    streams apart."""
+    streams = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    return (cfg.run.seed * 1_000_003 + step) * streams
+
+
+def _measures(cfg, step: int) -> bool:
+    """Whether step `step` measures the quantized rollout against the BF16 baseline."""
+    every = cfg.rollout.baseline_every
+    return bool(every) and step <= cfg.run.steps and step % every == 0
+
+
+def _pushed_in_phase(placement, trainer, noise):
+    """The push check's full re-push, in the push phase (the check left it serving)."""
+    placement.phase("push")
+    return trainer.push(noise=noise, full=True, digest=True)
 
 
 def _push_check(cfg, placement):
@@ -380,7 +404,8 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
 
 
 def _eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop) -> dict:
-    """eval/* of the policy the engine now serves (and of its BF16 twin with eval.bf16)."""
+    """eval/* of the policy the engine now serves (and of its BF16 twin with eval.bf16, which
+    the loop pushed in the push phase before)."""
     from qerl_rollout.evaluation import evaluate
 
     args = dict(max_tokens=cfg.rollout.max_tokens, stop_token_ids=stop, seed=cfg.run.seed,
@@ -391,7 +416,6 @@ def _eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop)
         if baseline is None:       # the run itself is BF16: the gap is zero by definition
             out["eval/reward_bf16"], out["eval/reward_gap"] = out["eval/reward"], 0.0
             return out
-        baseline.push()
         bf16 = evaluate(baseline.rollout, eval_data, reward_fn, tokenizer, cfg.eval, **args)
         out["eval/reward_bf16"] = bf16["reward"]
         out["eval/reward_gap"] = bf16["reward"] - out["eval/reward"]

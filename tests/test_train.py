@@ -239,12 +239,16 @@ def test_config_errors_name_the_keys():
 
 
 def test_step_seeds_never_reuse_a_sample_stream():
+    def streams(cfg):   # prompt i's sample k of a step: stream seed + i * n + k (RolloutEngine.generate)
+        n, prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+        return [train._step_seed(cfg, step) + i * n + k
+                for step in range(1, 200) for i in range(prompts) for k in range(n)]
+
     cfg = load_config([])
-    n = cfg.rollout.group_size
-    streams = [train._step_seed(cfg, step) + i for step in range(1, 200) for i in range(n)]
-    assert len(streams) == len(set(streams))
-    other = load_config(["run.seed=1"])
-    assert not set(streams) & {train._step_seed(other, s) + i for s in range(1, 200) for i in range(n)}
+    assert cfg.rollout.prompts_per_step > 1
+    ours = streams(cfg)
+    assert len(ours) == len(set(ours))
+    assert not set(ours) & set(streams(load_config(["run.seed=1"])))
 
 
 @pytest.mark.parametrize("overrides", [["mismatch.level=none"], ["rollout.scheme=bf16"]],

@@ -427,12 +427,16 @@ class Policy:
 
     def to_device(self, device: str | torch.device) -> None:
         """Move parameters, gradients and optimizer state (colocated placement: off the GPU
-        while the engine generates, back for the step)."""
+        while the engine generates, back for the step). Leaving a GPU empties this process's
+        allocator cache: the engine beside it is another process and cannot use the blocks
+        torch keeps cached here."""
         self.model.to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     state[key] = value.to(device)
+        if torch.device(device).type != "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def load_lora(self, lora: dict[str, torch.Tensor]) -> None:
         """Set every trainable tensor from full (unsharded) values, keyed as `state_dict()['lora']`."""

@@ -5,8 +5,10 @@ with `generate`, `score` and a `receiver`), and a `push()` that makes it serve t
 current weights (a `WeightSync` of its own, wherever the trainer lives). Every
 `rollout.baseline_every` steps the controller calls `measure` right after the quantized
 rollout of the step, before the optimizer step, so both engines hold the same policy: the
-baseline is pushed the current trainer weights (a delta push since its last one), generates
-the same prompts with the same sampling arguments and seed, and the quantized engine generates
+controller has pushed the baseline the weights of that rollout (`push()`, a delta push since
+its last one; in the push phase before the step, while the trainer is on its device, since a
+colocated trainer is on the host during the rollout). `measure` never pushes: the baseline
+generates the same prompts with the same sampling arguments and seed, and the quantized engine generates
 them again: `rounds` times each, alternating (BF16, quantized, BF16, ...), and each rate is
 total tokens over total seconds. The ratio uses these re-runs, not the step's own rollout: that
 one follows the optimizer step, whose memory traffic leaves the engine cold (measured: 0.78x on
@@ -19,8 +21,8 @@ quantized engine sampled in the step. It returns:
     quant/kl_vs_bf16            KL(pi_quant || pi_bf16) per token, k3 estimator (>= 0, low
                                 variance); quant/kl_k1_vs_bf16 with k1 (unbiased, noisy)
     quant/logp_gap_mean, _max   per-token |logp_quant - logp_bf16|
-    baseline/seconds            the whole measurement (push, generates, score): kept out of
-                                the step's rollout/train/sync timings
+    baseline/seconds            the whole measurement (generates, score): kept out of the
+                                step's rollout/train/sync timings
 
 The KL needs the quantized logprobs at temperature 1 (`score` is at temperature 1), so at any
 other sampling temperature only the speedup is reported. The two engines share the machine but
@@ -47,9 +49,9 @@ class BF16Baseline:
         self.rounds = rounds
 
     def measure(self, rollout, prompt_token_ids, samples, **sampling) -> dict:
-        """Metrics for one step whose quantized `rollout` sampled `samples` from these prompts."""
+        """Metrics for one step whose quantized `rollout` sampled `samples` from these prompts
+        (the baseline already pushed the same weights)."""
         t0 = time.perf_counter()
-        self.push()
         totals = {"bf16": [0, 0.0], "quant": [0, 0.0]}    # tokens, seconds
         for _ in range(self.rounds):
             for key, engine in (("bf16", self.rollout), ("quant", rollout)):

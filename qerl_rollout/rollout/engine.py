@@ -515,6 +515,12 @@ class RolloutEngine:
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> list[Sample]:
         """n samples per prompt, prompt-major, each with per-token logprobs and the version.
 
+        With a `seed`, sample k of prompt i draws from the stream `seed + i * n + k` (vLLM
+        seeds a request's n samples `s, s + 1, ...`; each prompt is its own request with
+        `s = seed + i * n`), so two prompts with the same text get different samples, and a
+        call's streams are `seed .. seed + len(prompts) * n - 1`: a caller that splits the
+        prompts passes `seed + first * n` for a block starting at prompt `first`.
+
         The logprobs are of the distribution sampled from: after temperature and top-p. A
         trainer that scores the full softmax at that temperature (`rl.policy.Policy`) matches
         them only at top_p=1, so top_p < 1 logs a warning (once): its TIS weights would be
@@ -528,9 +534,10 @@ class RolloutEngine:
                         "which a full-softmax trainer does not reproduce (biased TIS weights)", top_p)
             self._warned_top_p = True
         _check_prompts(prompt_token_ids)
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, logprobs=0, stop_token_ids=stop_token_ids,
-                                ignore_eos=ignore_eos)
+        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 seed=None if seed is None else seed + i * n, logprobs=0,
+                                 stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
+                  for i in range(len(prompt_token_ids))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_token_ids], params,
                                     use_tqdm=False)
         samples = []
@@ -565,9 +572,11 @@ class RolloutEngine:
             return
         self.llm.sleep(level=level)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate what sleep released: `tags` ("weights", "kv_cache") or everything. A
+        colocated push wakes the weights alone; the KV cache after the trainer has left."""
         if not self._on_cpu:
-            self.llm.wake_up()
+            self.llm.wake_up(tags)
 
     def close(self) -> None:
         """Shut the engine core down and drop the model (the process may start another)."""

