@@ -21,7 +21,7 @@ shapes and the run's config, per GPU, in GiB:
   `gpu_memory_utilization` leaves after the weights, in tokens (2 x layers x KV heads x
   head_dim BF16 values per token and TP rank);
 - colocated: each phase's peak on a GPU shared by a trainer rank and an engine
-  (`qerl_rollout.phases`; train: the trainer, the engine asleep; rollout: the engine, the
+  (`placement.phases`; train: the trainer, the engine asleep; rollout: the engine, the
   trainer on the host; push: the trainer without its activations and the engine's weights,
   whose KV cache wakes only after the trainer has left);
 - per step: the push's bytes, full and delta (the units LoRA touches), and their time at

@@ -4,8 +4,9 @@ How it works. The config (`qerl_rollout.config.TrainConfig`, default: the embedd
 run `configs/grpo_tiny_cpu.yaml`) names a checkpoint (or a tiny model built in the run
 directory), a rollout scheme, a task and the trainer's settings. `run` places the trainer
 (`rl.policy.Policy`: BF16 + LoRA) and the rollout engines: in this process
-(`local.LocalPlacement`, placement.mode=local) or in Ray actors (`workers.placement`, split
-or colocated: FSDP2 trainer ranks, several engines), behind the same interface, then repeats:
+(`placement.local`, placement.mode=local) or in Ray actors (`placement.ray`, split or
+colocated: FSDP2 trainer ranks, several engines), behind one interface
+(`placement.interface`), then repeats:
 
     prompts -> rollout.generate(n=group)     samples, rollout logprobs, weight version v
             -> reward per sample             task reward on the decoded response
@@ -289,7 +290,7 @@ def _place(cfg, model_dir: Path, run_dir: Path):
     engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
     if cfg.placement.mode == "local":
         from qerl_rollout.layout import LayoutError
-        from qerl_rollout.local import LocalPlacement
+        from qerl_rollout.placement.local import LocalPlacement
         from qerl_rollout.rollout.engine import route_vllm_logs
 
         if _in_ray_job() and _has_cuda():
@@ -301,7 +302,7 @@ def _place(cfg, model_dir: Path, run_dir: Path):
         route_vllm_logs(run_dir / "vllm.log")   # before the engines start: vLLM applies it then
         return LocalPlacement(cfg, model_dir, _policy_config(cfg, model_dir), grpo,
                               with_baseline=_wants_baseline(cfg), engine_options=engine)
-    from qerl_rollout.workers.placement import RayPlacement
+    from qerl_rollout.placement.ray import RayPlacement
 
     engine["gpu_memory_utilization"] = r.gpu_memory_utilization   # read by vLLM on GPUs only
     return RayPlacement(cfg, model_dir, run_dir, _policy_config(cfg, model_dir), grpo,

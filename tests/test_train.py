@@ -93,7 +93,7 @@ def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
             f"placement.mode={placement}", "trainer.num_workers=2", "rollout.num_engines=2",
             "rollout.prompts_per_step=4", f"eval.every={3 if evaluate else 0}",
             "tracking.wandb_mode=disabled"]
-    with caplog.at_level("WARNING", logger="qerl_rollout.workers.placement"):
+    with caplog.at_level("WARNING", logger="qerl_rollout.placement.ray"):
         assert train.main(argv) == 0
     run_dir = tmp_path / "r"
     rows = _check_three_steps(run_dir, placement)
@@ -147,7 +147,7 @@ def test_aqn_noise_follows_the_schedule_and_never_touches_its_input():
 
 def test_a_failing_step_closes_the_engine_and_marks_the_run_failed(tmp_path, monkeypatch):
     closed = []
-    from qerl_rollout import local
+    from qerl_rollout.placement import local
 
     real_local = local.LocalRollout
 

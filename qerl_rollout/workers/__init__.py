@@ -1,9 +1,9 @@
-"""Ray actors and transports; the only package that imports ray (ARCHITECTURE.md, "The package map").
+"""Ray actors and transports; with `placement.ray`, the only code that imports ray
+(ARCHITECTURE.md, "The package map").
 
 `rollout_worker`: the `RolloutWorker` actor that owns a vLLM `RolloutEngine`.
-`trainer`: the `TrainerWorker` actor (one FSDP2 rank) and `RayTrainer`, which drives N of them.
-`placement`: `RayPlacement` (cluster, placement group, trainer workers, engines) and
-`EnginePool` (M engines behind one generate / score / receiver).
+`trainer`: the `TrainerWorker` actor (one FSDP2 rank: a `placement.trainer.PolicyTrainer` with
+its process group) and `RayTrainer`, which drives N of them.
 `transport`: `RayWeightReceiver`, the trainer-side end of a weight push through Ray's
 object store, and the GPU transports' design.
 """

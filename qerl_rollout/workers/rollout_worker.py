@@ -16,7 +16,7 @@ How it works.
   submitted during a push waits for the calls before it and then raises
   `EngineStateError` if the update has not committed.
 
-Placement groups, several engines and tensor parallelism are `workers.placement`'s: an actor
+Placement groups, several engines and tensor parallelism are `placement.ray`'s: an actor
 asks for its bundle (`scheduling_strategy`) and vLLM runs its TP ranks as processes on the
 GPUs (or cores) the actor was given. `sleep` / `wake_up` serve colocated placements on GPUs.
 Left out: restarting a dead actor (the run stops and says which one died).
@@ -99,7 +99,7 @@ def start_rollout_worker(model_dir: str | Path, quant: QuantConfig | None = None
                          **engine_kwargs):
     """Create a `RolloutWorker` actor (returns at once; the engine starts in the actor).
 
-    `scheduling_strategy`: e.g. a placement-group bundle (`workers.placement`).
+    `scheduling_strategy`: e.g. a placement-group bundle (`placement.ray`).
     """
     env = {**engine_env(kv_cache_gib), **(env_vars or {})}
     options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}

@@ -10,6 +10,7 @@ How it works.
   blocks (prompt-major, as sampled), sends block i to rank i, and combines the per-rank
   metrics (`rl.policy.combine_rank_metrics`). The loss is normalised by whole-batch counts
   that the ranks all-reduce, so the update is the single-process one (up to reduction order).
+- Each rank is a `placement.trainer.PolicyTrainer` (the local placement's trainer too).
 - `connect(target, engine_workers, ...)` gives every rank a sharded `WeightSync` for a set of
   engines ("rollout", "baseline"); rank 0 holds the `RayWeightReceiver` that puts each bucket
   into the object store once for all of them. `push(target, ...)` runs it on every rank and
@@ -35,21 +36,22 @@ import ray
 import torch
 
 from qerl_rollout.layout import Slot, WorkerDiedError
+from qerl_rollout.placement.trainer import PolicyTrainer
 from qerl_rollout.rl.policy import Policy, TokenBatch, combine_rank_metrics
-from qerl_rollout.sync.weight_sync import TransportError, WeightSync
+from qerl_rollout.sync.weight_sync import TransportError
 from qerl_rollout.workers.transport import RayWeightReceiver
 
 log = logging.getLogger(__name__)
 
 
-class TrainerWorker:
-    """One trainer rank (plain class; `TrainerWorkerActor` is its `ray.remote` form)."""
+class TrainerWorker(PolicyTrainer):
+    """One trainer rank: the shared `placement.trainer.PolicyTrainer` plus what an actor needs
+    (its process group, its rendezvous address, its transport). `TrainerWorkerActor` is its
+    `ray.remote` form."""
 
     def __init__(self, rank: int, world: int, num_threads: int = 1):
-        self.rank, self.world = rank, world
+        super().__init__(rank=rank, world=world)
         torch.set_num_threads(max(1, num_threads))
-        self.policy: Policy | None = None
-        self.syncs: dict[str, WeightSync] = {}
 
     def info(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
@@ -72,47 +74,11 @@ class TrainerWorker:
                                     rank=self.rank, world_size=self.world)
         self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
 
-    def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
+    def connect_engines(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int) -> None:
+        """A sync into these engine actors; rank 0 holds their `RayWeightReceiver`. No retry
+        inside the sync: `RayTrainer.push` retries a transport failure, on every rank."""
         receiver = RayWeightReceiver(engine_workers) if self.rank == 0 else None
-        # No retry inside the sync: `RayTrainer.push` retries a transport failure, on every rank.
-        self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme,
-                                        bucket_bytes=bucket_bytes, retry_full_on_transport_error=False)
-
-    def train_step(self, batch: TokenBatch, advantages, logp_rollout) -> dict:
-        return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)
-
-    def push(self, target: str, noise, version: int | None, full: bool, digest: bool = False):
-        return self.syncs[target].push(self.policy.model, norm_transform=noise and noise.transform(),
-                                       version=version, full=full, digest=digest)
-
-    def reference_logprobs(self, probe, scheme: str):
-        """The push check's reference (`sync.verify`); None on a sharded trainer, which holds no
-        whole policy to copy."""
-        if self.world > 1:
-            return None
-        from qerl_rollout.sync.verify import reference_logprobs
-
-        return reference_logprobs(self.policy.model, scheme, probe)
-
-    def state_dict(self) -> dict | None:
-        state = self.policy.state_dict()
-        return state if self.rank == 0 else None
-
-    def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state)
-
-    def save_adapter(self, path: str) -> None:
-        self.policy.save_adapter(path)
-
-    def to_device(self, device: str) -> None:
-        """Move this rank's state; the syncs keep their delta record (`WeightSync.rebase`)."""
-        from qerl_rollout.sync.merge import fingerprint
-
-        before = fingerprint(self.policy.model)
-        self.policy.to_device(device)
-        after = fingerprint(self.policy.model)
-        for sync in self.syncs.values():
-            sync.rebase(before, after)
+        self.connect(target, receiver, bucket_bytes=bucket_bytes, scheme=scheme, retry=False)
 
 
 TrainerWorkerActor = ray.remote(TrainerWorker)
@@ -185,8 +151,8 @@ class RayTrainer:
         log.info("trainer: %d worker(s): %s", world, "; ".join(trainer.names))
         return trainer
 
-    def _all(self, method: str, *args) -> list:
-        return wait_all([getattr(w, method).remote(*args) for w in self.workers], self.names)
+    def _all(self, method: str, *args, **kwargs) -> list:
+        return wait_all([getattr(w, method).remote(*args, **kwargs) for w in self.workers], self.names)
 
     # -- the trainer interface ---------------------------------------------------------------
     def train_step(self, batch: TokenBatch, advantages: torch.Tensor, logp_rollout: torch.Tensor) -> dict:
@@ -198,7 +164,7 @@ class RayTrainer:
     def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
                 names: list[str] | None = None) -> None:
         """Give every rank a sync into these engines (`names` for errors about them)."""
-        self._all("connect", target, engine_workers, scheme, bucket_bytes)
+        self._all("connect_engines", target, engine_workers, scheme, bucket_bytes)
         self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
     def push(self, target: str = "rollout", *, noise=None, version: int | None = None,
@@ -206,12 +172,12 @@ class RayTrainer:
         """Push on every rank; rank 0's report. A transport failure: a dead engine is named
         (`WorkerDiedError`), anything else is retried once in full."""
         try:
-            return self._all("push", target, noise, version, full, digest)[0]
+            return self._all("push", target, noise=noise, version=version, full=full, digest=digest)[0]
         except TransportError as e:
             workers, names = self._engines[target]
             wait_all([w.process.remote() for w in workers], names)
             log.warning("push to %s failed in transport (%s); re-pushing in full", target, e)
-            return self._all("push", target, noise, version, True, digest)[0]
+            return self._all("push", target, noise=noise, version=version, full=True, digest=digest)[0]
 
     def reference_logprobs(self, probe, scheme: str):
         return self._all("reference_logprobs", probe, scheme)[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qerl_rollout import QuantConfig, WeightSync
-from qerl_rollout.local import LocalRollout
+from qerl_rollout.placement.local import LocalRollout
 from qerl_rollout.rollout.baseline import BF16Baseline
 from qerl_rollout.rollout.platform import kernel_paths
 

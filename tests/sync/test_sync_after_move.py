@@ -4,8 +4,8 @@ Moving a policy off its GPU and back gives every tensor new storage, so its fing
 (`sync.merge.fingerprint`: identity, data pointer, version) changes although no value did,
 and before `WeightSync.rebase` the next push re-sent everything. The GPU round trip cannot
 run here: the move stands in as what it does to storage (every parameter gets a fresh copy of
-its values, `param.data = param.data.clone()`). A real `TrainerWorker` (plain class, no actor)
-moves, one attention LoRA factor changes, and the next push must send only that layer's
+its values, `param.data = param.data.clone()`). A real `PolicyTrainer` (the trainer wrapper
+of every placement; each Ray trainer rank is one) moves, one attention LoRA factor changes, and the next push must send only that layer's
 attention unit; the same move without the worker's rebase sends everything (the bug).
 """
 
@@ -16,12 +16,11 @@ import torch
 from one_step import policy_config
 from recording import RecordingReceiver
 
+from qerl_rollout.placement.trainer import PolicyTrainer
 from qerl_rollout.quant.export import export_checkpoint
 from qerl_rollout.rl.policy import Policy
 from qerl_rollout.rollout.engine import read_manifest
-from qerl_rollout.sync.weight_sync import WeightSync
 from qerl_rollout.wire.stream import unit_of
-from qerl_rollout.workers.trainer import TrainerWorker
 
 
 class PushRecorder(RecordingReceiver):
@@ -41,10 +40,9 @@ def _new_storage(policy: Policy, device) -> None:
 @pytest.fixture()
 def worker(tiny_qwen3_moe, tmp_path, monkeypatch):
     export_checkpoint(tiny_qwen3_moe, tmp_path / "fp8", "fp8_block", progress=False)
-    w = TrainerWorker(0, 1)
-    w.policy = Policy(policy_config(tiny_qwen3_moe))
+    w = PolicyTrainer(Policy(policy_config(tiny_qwen3_moe)))
     receiver = PushRecorder("fp8_block", read_manifest(tmp_path / "fp8"))
-    w.syncs = {"rollout": WeightSync(receiver, bucket_bytes=1 << 20)}
+    w.connect("rollout", receiver, bucket_bytes=1 << 20)
     monkeypatch.setattr(Policy, "to_device", _new_storage)
     w.syncs["rollout"].push(w.policy.model)
     assert len(receiver.tensors) > 100            # the first push is full

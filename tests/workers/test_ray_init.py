@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from qerl_rollout.layout import LayoutError
-from qerl_rollout.workers.placement import init_ray
+from qerl_rollout.placement.ray import init_ray
 
 ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")   # what `ray start --head` writes
 

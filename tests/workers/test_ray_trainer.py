@@ -16,9 +16,9 @@ from one_step import GRPO, assert_same_adamw_step, batch, policy_config, single_
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Slot, WorkerDiedError
+from qerl_rollout.placement.ray import EnginePool
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.workers import start_rollout_worker
-from qerl_rollout.workers.placement import EnginePool
 from qerl_rollout.workers.trainer import RayTrainer
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43], [300, 301]]

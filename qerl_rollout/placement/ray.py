@@ -18,7 +18,7 @@ prompt's samples do not depend on which other prompts share its batch up to the 
 numerics). Pushes go through one
 `RayWeightReceiver` over all engines of a pool: each bucket enters the object store once.
 
-Colocated placement (`phase(name)` before each phase of a step, `qerl_rollout.phases`): on
+Colocated placement (`phase(name)` before each phase of a step, `placement.phases`): on
 GPUs the engines sleep (vLLM sleep mode level 1: weights to host memory, KV cache dropped)
 before the trainer returns for "train"; for "push" they wake their weights alone (the trainer
 is still on its GPU: merged, quantized tensors go straight into the engine); for "rollout" the
@@ -41,7 +41,7 @@ import ray
 
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Layout, LayoutError, Slot, plan_layout
-from qerl_rollout.phases import ColocatedPhases, check_phase
+from qerl_rollout.placement.phases import ColocatedPhases, check_phase
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
 from qerl_rollout.workers.trainer import RayTrainer, row_blocks, wait_all
@@ -200,7 +200,7 @@ class RayPlacement:
         (Path(run_dir) / "workers.json").write_text(json.dumps(rows, indent=1))
 
     def phase(self, name: str) -> None:
-        """Colocated on GPUs: the moves into "train", "push" or "rollout" (`qerl_rollout.phases`);
+        """Colocated on GPUs: the moves into "train", "push" or "rollout" (`placement.phases`);
         elsewhere nothing moves."""
         check_phase(name)
         if self._phases is not None:
