@@ -74,7 +74,7 @@ def quantize(w: torch.Tensor, scheme: str, global_amax: torch.Tensor | None = No
     _validate(w, global_amax)
     w_3d = w if w.ndim == 3 else w[None]
     impl.check_shape(tuple(w_3d.shape))
-    if triton_available(w) and _triton_verified(w_3d, scheme, global_amax):
+    if impl.triton_runner and triton_available(w) and _triton_verified(w_3d, scheme, global_amax):
         # CUDA bf16: one Triton launch, the same bytes as the twin (kernels/triton_*.py)
         return QuantizedWeight(scheme, tuple(w.shape), w.dtype, quantize_triton(w.detach(), scheme, global_amax))
     tensors = impl.quantize(w_3d.detach(), global_amax)

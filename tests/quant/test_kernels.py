@@ -102,4 +102,4 @@ def test_self_test_passes_here_and_catches_a_wrong_kernel(monkeypatch):
         return q, scale
 
     monkeypatch.setattr(cpu, "int8", off_by_one)
-    assert cpu._self_test() == ["int8 torch.bfloat16", "int8 torch.float16"]
+    assert cpu._self_test() == ["int8_rows torch.bfloat16", "int8_rows torch.float16"]

@@ -26,6 +26,7 @@ class Fp8Block(QuantScheme):
     format = "float-quantized"
     preset = "FP8_BLOCK"
     keys = ("weight", "weight_scale")
+    triton_runner = "fp8_blocks"
     block_width = 128
     block_rows = 128
     gpu_capability = (8, 9)

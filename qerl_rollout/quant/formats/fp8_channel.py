@@ -22,6 +22,7 @@ class Fp8Channel(QuantScheme):
     format = "float-quantized"
     preset = "FP8_DYNAMIC"
     keys = ("weight", "weight_scale")
+    triton_runner = "fp8_rows"
     gpu_capability = (8, 9)
     gpu_kernel = "FP8 W8A8"
 

@@ -27,6 +27,7 @@ class Int8(QuantScheme):
     format = "int-quantized"
     preset = "W8A8"
     keys = ("weight", "weight_scale")
+    triton_runner = "int8_rows"
     gpu_capability = (7, 5)
     gpu_kernel = "INT8 W8A8 (CUTLASS)"
     cpu_kernel = True

@@ -29,6 +29,7 @@ class Nvfp4(QuantScheme):
     format = "nvfp4-pack-quantized"
     preset = "NVFP4A16"
     keys = ("weight_packed", "weight_scale", "weight_global_scale")
+    triton_runner = "nvfp4_groups"
     block_width = 16
     group_global_scale = True
     gpu_capability = (8, 0)

@@ -43,6 +43,9 @@ class QuantScheme(ABC):
     gpu_capability: ClassVar[tuple[int, int]] = (8, 9)
     gpu_kernel: ClassVar[str] = ""
     cpu_kernel: ClassVar[bool] = False
+    # The fused merge+quantize Triton kernel on CUDA (`kernels.triton_kernels.RUNNERS`), or
+    # None: CUDA tensors of this scheme take the torch twin.
+    triton_runner: ClassVar[str | None] = None
 
     @abstractmethod
     def nbytes(self, n: int, k: int) -> int:

@@ -150,8 +150,8 @@ def _self_test() -> list[str]:
             "absmax": (absmax(w), reference.absmax(w)),
             "fp8": (fp8(w, (128, 128), eps), reference.fp8(w, (128, 128))),
             "fp8_row": (fp8(w, (1, 272), eps), reference.fp8(w, (1, 272))),
-            "int8": (int8(w, eps), reference.int8(w)),
-            "nvfp4": (nvfp4(w, gs), reference.nvfp4(w, gs)),
+            "int8_rows": (int8(w, eps), reference.int8(w)),
+            "nvfp4_groups": (nvfp4(w, gs), reference.nvfp4(w, gs)),
         }
         q, scale = reference.int8(w)
         pairs["int8_dequantize"] = (int8_dequantize(q, scale), reference.int8_dequantize(q, scale))

@@ -33,16 +33,20 @@ def ct_scheme(name: str):
 
 
 def _observe(w_2d: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max the way llm-compressor's min-max observer flattens the weight."""
+    """Min and max the way llm-compressor's min-max observer flattens the weight, over the
+    scheme's scale blocks: 2-D blocks (`block_rows` > 1), groups along K (`block_width`), or
+    whole rows (neither)."""
     from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
 
-    if name == "fp8_block":
-        w_pad = maybe_pad_tensor_for_block_quant(w_2d, (128, 128))
-        blocks = w_pad.unflatten(0, (-1, 128)).unflatten(-1, (-1, 128)).transpose(1, 2)
+    scheme = get_scheme(name)
+    rows, width = scheme.block_rows, scheme.block_width
+    if rows > 1:
+        w_pad = maybe_pad_tensor_for_block_quant(w_2d, (rows, width))
+        blocks = w_pad.unflatten(0, (-1, rows)).unflatten(-1, (-1, width)).transpose(1, 2)
         return blocks.amin(dim=(-2, -1)), blocks.amax(dim=(-2, -1))
-    if name in ("fp8_channel", "int8"):
+    if width is None:
         return w_2d.amin(dim=1, keepdim=True), w_2d.amax(dim=1, keepdim=True)
-    groups = w_2d.unflatten(-1, (-1, 16))
+    groups = w_2d.unflatten(-1, (-1, width))
     return groups.amin(dim=-1), groups.amax(dim=-1)
 
 
@@ -65,7 +69,7 @@ def ct_compress(
     scheme = ct_scheme(name)
     state = {"weight": w_2d}
     global_scale = None
-    if name == "nvfp4":
+    if get_scheme(name).group_global_scale:
         global_scale = ct_global_scale(w_2d, global_amax)
         state["weight_global_scale"] = global_scale
     min_vals, max_vals = _observe(w_2d, name)
@@ -81,7 +85,7 @@ def ct_dequantize(tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtyp
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
     args = ct_scheme(name).weights
-    if name != "nvfp4":
+    if "weight_packed" not in tensors:      # unpacked codes; NVFP4 packs two e2m1 per byte
         return dequantize(tensors["weight"], tensors["weight_scale"], args=args, dtype=dtype)
     packed = tensors["weight_packed"]
     w_e2m1 = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2)

@@ -48,7 +48,6 @@ import torch
 FP8_ZERO_SCALE = float(torch.finfo(torch.bfloat16).eps)  # compressed-tensors' eps for bf16 scales (fp8, int8)
 FP8_BLOCK = 128
 NVFP4_GROUP = 16
-SCHEMES = ("fp8_block", "fp8_channel", "int8", "nvfp4")
 
 
 def triton_available(w: torch.Tensor) -> bool:
@@ -118,24 +117,32 @@ class _LoraArgs:
                 self.scaling, self.rank)
 
 
-def _scheme_name(scheme) -> str:
+def triton_schemes() -> tuple[str, ...]:
+    """The registered schemes with a Triton runner (`QuantScheme.triton_runner`)."""
+    from qerl_rollout.quant.formats import SCHEMES, get_scheme
+
+    return tuple(name for name in SCHEMES if get_scheme(name).triton_runner)
+
+
+def _scheme(scheme):
+    from qerl_rollout.quant.formats import get_scheme
+
     name = scheme if isinstance(scheme, str) else getattr(scheme, "name", None)
-    if name not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; triton kernels support {SCHEMES}")
-    return name
+    if name not in triton_schemes():
+        raise ValueError(f"unknown scheme {scheme!r}; triton kernels support {triton_schemes()}")
+    return get_scheme(name)
 
 
 def _run(w, lora, scheme, global_amax) -> dict[str, torch.Tensor]:
-    name = _scheme_name(scheme)
+    scheme = _scheme(scheme)
     if w.dtype != torch.bfloat16 or w.dim() not in (2, 3):
         raise ValueError(f"triton kernels take a 2-D or 3-D bf16 weight, got {w.dtype} "
                          f"{tuple(w.shape)}")
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     if lora is None:  # placeholders: never read when HAS_LORA is False
         lora = _LoraArgs(w3, w3, 1.0, 0)
-    runner = {"fp8_block": _fp8_block, "fp8_channel": _fp8_channel, "int8": _int8,
-              "nvfp4": _nvfp4}[name]
-    out = runner(w3, lora, global_amax) if name == "nvfp4" else runner(w3, lora)
+    runner = RUNNERS[scheme.triton_runner]
+    out = runner(w3, lora, global_amax) if scheme.group_global_scale else runner(w3, lora)
     return out if w.dim() == 3 else {key: t.squeeze(0) for key, t in out.items()}
 
 
@@ -225,3 +232,8 @@ def _expert_amax(global_amax: torch.Tensor, experts: int, device) -> torch.Tenso
     if amax.numel() not in (1, experts):
         raise ValueError(f"global_amax has {amax.numel()} values for {experts} experts")
     return amax.to(torch.bfloat16).float().expand(experts).contiguous()
+
+
+# A scheme names its runner (`QuantScheme.triton_runner`); a runner with a shared global scale
+# (`QuantScheme.group_global_scale`) also takes the global amax.
+RUNNERS = {"fp8_blocks": _fp8_block, "fp8_rows": _fp8_channel, "int8_rows": _int8, "nvfp4_groups": _nvfp4}
