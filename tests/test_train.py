@@ -108,6 +108,9 @@ def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
     state, _ = checkpoint.latest(run_dir)
     assert state.step == 3 and state.trainer["format"] == "fsdp_full"
     assert ("no sleep mode" in caplog.text) == (placement == "colocated")
+    # Each engine actor's vLLM logs are in the run directory, from its first line.
+    for engine in ["engine-0", "engine-1"] + ["baseline-engine-0"] * evaluate:
+        assert "Initializing a V1 LLM engine" in (run_dir / f"vllm.{engine}.log").read_text()
     # The first push's check: both engines hold exactly what was sent; a 2-rank trainer holds no
     # whole policy, so the logits half does not run there.
     assert rows[0]["sync/verify_hash_ok"] == 1.0 and "sync/verify_max_dlogp" not in rows[0]

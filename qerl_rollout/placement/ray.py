@@ -134,7 +134,7 @@ class RayPlacement:
                  engine_options: dict):
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        self.cfg = cfg
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         self._owns_ray = not ray.is_initialized()
         self._pg = self._phases = None
         self.trainer = self.rollout = self.baseline = None
@@ -174,7 +174,7 @@ class RayPlacement:
     def _engines(self, model_dir, slots: list[Slot], scheme: str, options: dict, name="engine") -> EnginePool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from qerl_rollout.rollout.engine import prepare_export
+        from qerl_rollout.rollout.engine import prepare_export, vllm_logging_env
 
         r = self.cfg.rollout
         quant = QuantConfig(scheme, r.mode)
@@ -185,10 +185,13 @@ class RayPlacement:
             extra["tensor_parallel_size"] = r.tensor_parallel_size
         if self.layout.mode == "colocated" and self.layout.use_gpus:
             extra["enable_sleep_mode"] = True
+        # Each engine's vLLM logs go to the run directory (Ray keeps actor output off the console).
+        logs = [self.run_dir / f"vllm.{name.replace(' ', '-')}-{i}.log" for i in range(len(slots))]
         workers = [start_rollout_worker(
             model_dir, quant, num_cpus=s.num_cpus, num_gpus=s.num_gpus, kv_cache_gib=r.kv_cache_gib,
+            env_vars=vllm_logging_env(log),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=s.bundle),
-            **extra) for s in slots]
+            **extra) for s, log in zip(slots, logs)]
         infos = wait_all([w.process.remote() for w in workers], [f"{name} {i}" for i in range(len(workers))])
         names = [f"{name} {i} (pid {info['pid']} on {info['node']})" for i, info in enumerate(infos)]
         return EnginePool(workers, names)

@@ -129,14 +129,26 @@ class ConsoleWarnings(logging.Filter):
 
 
 def route_vllm_logs(log_file: str | Path) -> None:
-    """Everything vLLM logs goes to `log_file` from its first line; the console keeps its
-    warnings and errors that matter, once each (`ConsoleWarnings`).
+    """Everything vLLM logs in this process goes to `log_file` from its first line; the
+    console keeps its warnings and errors that matter, once each (`ConsoleWarnings`).
 
-    vLLM applies the Python logging config named by `VLLM_LOGGING_CONFIG_PATH` when an engine
-    starts, so this writes one beside `log_file` and sets the variable; call it before the
-    first engine starts. Without it vLLM prints ~40 lines per engine start (its arguments,
-    its config dump, every loader step) and two per push.
+    Sets `vllm_logging_env` in this process (call it before the first engine starts) and
+    applies the config now as well, for a vLLM already imported. Without it vLLM prints ~40
+    lines per engine start (its arguments, its config dump, every loader step) and two per push.
     """
+    config = vllm_logging_env(log_file)
+    os.environ.update(config)
+    import logging.config
+
+    logging.config.dictConfig(json.loads(Path(config["VLLM_LOGGING_CONFIG_PATH"]).read_text()))
+
+
+def vllm_logging_env(log_file: str | Path) -> dict[str, str]:
+    """The environment that sends a process's vLLM logs to `log_file` (an engine actor gets it
+    in its `runtime_env`). vLLM applies the Python logging config named by
+    `VLLM_LOGGING_CONFIG_PATH` when it is imported and when an engine starts, so this writes
+    one beside `log_file`: vLLM's records to the file, its warnings and errors also to stderr
+    through `ConsoleWarnings`."""
     log_file = Path(log_file)
     config = {
         "version": 1, "disable_existing_loggers": False,
@@ -150,11 +162,7 @@ def route_vllm_logs(log_file: str | Path) -> None:
     }
     config_file = log_file.with_suffix(".logging.json")
     config_file.write_text(json.dumps(config, indent=1))
-    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
-    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_file)
-    import logging.config
-
-    logging.config.dictConfig(config)   # for a vLLM already imported in this process
+    return {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(config_file)}
 
 
 def kernel_supported(scheme: str) -> tuple[bool, str]:
