@@ -232,8 +232,16 @@ def _start_wandb(cfg: TrackingConfig, run_dir: Path, name: str, config: dict,
         if cfg.wandb_mode == "online" and not wandb.login(prompt=False, verify=False):
             raise RuntimeError("no wandb API key (set WANDB_API_KEY or run `wandb login`)")
         resume = {"id": wandb_id, "resume": "allow"} if wandb_id else {}
-        return wandb.init(project=cfg.project, name=name, mode=cfg.wandb_mode, dir=str(run_dir),
-                          config=config, tags=list(cfg.tags), reinit="create_new", **resume)
+        # vLLM imports openai, which makes wandb suggest Weave (three lines); the user's own
+        # setting wins.
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+        run = wandb.init(project=cfg.project, name=name, mode=cfg.wandb_mode, dir=str(run_dir),
+                         config=config, tags=list(cfg.tags), reinit="create_new",
+                         settings=wandb.Settings(silent=True), **resume)
+        # One line instead of wandb's seven (its version, offline hints, product tips).
+        log.info("wandb %s run %s: %s", cfg.wandb_mode, run.id,
+                 run.url if cfg.wandb_mode == "online" else run.dir)
+        return run
     except Exception as e:  # noqa: BLE001 - the local file is the record; wandb is best effort
         log.warning("wandb did not start (%s: %s); metrics go to %s only",
                     type(e).__name__, e, run_dir / METRICS_FILE)

@@ -496,7 +496,13 @@ def _console_logging() -> None:
     """This package's INFO lines (an engine's start, the placement, the trainer workers) and
     any logger's warnings on stderr, once per process; vLLM's go to the run's vllm.log
     (`route_vllm_logs`). The handler sits on the root logger, so records still propagate
-    (pytest's caplog sees them) and no library's `logging.info` installs a second one."""
+    (pytest's caplog sees them) and no library's `logging.info` installs a second one. The
+    deprecation vLLM's Triton dispatcher trips at import (`torch.distributed.reduce_op`) is
+    not the user's to act on and is not shown."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`torch.distributed.reduce_op` is deprecated",
+                            category=FutureWarning)
     root = logging.getLogger()
     if any(getattr(h, "qerl_console", False) for h in root.handlers):
         return

@@ -66,6 +66,10 @@ def test_short_run_trains_pushes_and_records(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert (out + err).count("engine ready in ") == 2      # the rollout engine and the BF16 eval twin
     assert "Initializing a V1 LLM engine" not in out + err and "Reloading weights" not in out + err
+    # The twin's start in the same process re-registers vLLM's kernels (a warning each, not shown);
+    # wandb says one line of ours instead of its seven (its version, tips, Weave ads).
+    assert "already registered" not in err and "reduce_op" not in err
+    assert "wandb: " not in err and err.count("wandb offline run ") == 1
     vllm_log = (run_dir / "vllm.log").read_text()
     assert "Initializing a V1 LLM engine" in vllm_log
     # vLLM says "Reloading weights inplace" once per process (info_once: absent from a later run

@@ -479,16 +479,19 @@ class Policy:
 
     def save_adapter(self, path: str | Path) -> None:
         """Write the LoRA adapter (peft format) to `path`. Distributed: every rank calls it (the
-        adapters are gathered whole) and rank 0 writes."""
+        adapters are gathered whole) and rank 0 writes. LoRA on lm_head or embeddings leaves
+        the vocabulary as it is, so the adapter holds the LoRA factors alone, not a copy of
+        those base weights (peft's "auto" would add them, and warn, on one process only)."""
         if not self.distributed:
-            self.model.save_pretrained(str(path))
+            self.model.save_pretrained(str(path), save_embedding_layers=False)
             return
         import torch.distributed as dist
         from peft import get_peft_model_state_dict
 
         lora = self.lora_tensors()
         if dist.get_rank() == 0:
-            self.model.save_pretrained(str(path), state_dict=get_peft_model_state_dict(self.model, state_dict=lora))
+            state = get_peft_model_state_dict(self.model, state_dict=lora, save_embedding_layers=False)
+            self.model.save_pretrained(str(path), state_dict=state, save_embedding_layers=False)
 
 
 def _rows_or_filler(batch: TokenBatch, sl: slice | None) -> TokenBatch:

