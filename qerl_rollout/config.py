@@ -152,6 +152,7 @@ class PlacementConfig:
     use_gpus: str = "auto"         # auto: when the Ray cluster has GPUs; "true" / "false"
     trainer_num_cpus: float = 1.0  # per trainer worker
     rollout_num_cpus: float = 1.0  # per engine
+    gpu_gib: float = 80.0          # memory of each GPU the plan checks a GPU run against
 
     def __post_init__(self):
         if self.mode == "ray":
@@ -161,6 +162,8 @@ class PlacementConfig:
             raise ValueError(f"placement.mode must be one of {PLACEMENT_MODES}, got {self.mode!r}")
         if self.use_gpus not in ("auto", "true", "false"):
             raise ValueError(f"placement.use_gpus must be auto, true or false, got {self.use_gpus!r}")
+        if self.gpu_gib <= 0:
+            raise ValueError(f"placement.gpu_gib must be positive, got {self.gpu_gib}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m qerl_rollout.plan", description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="config=NAME and section.key=value, as for train")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of each GPU (default 80)")
+    p.add_argument("--gpu-gib", type=float, help="memory of each GPU (default: placement.gpu_gib, 80)")
     p.add_argument("--gbps", type=float, default=10.0, help="transport bandwidth for the push time (GB/s)")
     p.add_argument("--json", help="also write the table as JSON here")
     args = p.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = plan(cfg, counts, args.gpu_gib, args.gbps)
+    result = plan(cfg, counts, args.gpu_gib or cfg.placement.gpu_gib, args.gbps)
     print(result.table())
     if args.json:
         with open(args.json, "w") as f:

@@ -28,6 +28,7 @@ Left out: asynchronous (off-policy) rollouts overlapping the trainer's step.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,8 @@ import time
 from contextlib import ExitStack, closing
 from dataclasses import replace
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
@@ -45,7 +48,10 @@ def run(cfg) -> dict:
     from qerl_rollout.rl.policy import TokenBatch
     from qerl_rollout.tracking import Tracker
 
+    memory = _memory_plan(cfg)       # before the run dir: a refused layout leaves nothing behind
     run_dir = _run_dir(cfg)
+    if memory is not None:
+        (run_dir / "plan.json").write_text(json.dumps(memory.to_json(), indent=1))
     config = config_dict(cfg)
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn, eval_data = _task(cfg, model_dir)
@@ -210,6 +216,28 @@ def _run_dir(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.tracking = replace(cfg.tracking, run_name=name)
     return run_dir
+
+
+def _memory_plan(cfg):
+    """The memory plan of a GPU run (`qerl_rollout.planner`, from the model's config.json or
+    its shipped shape), checked before anything starts: a rank over `placement.gpu_gib` is
+    refused in one line (`LayoutError`); else its peaks in one line. None for a CPU run
+    (`policy.device=cpu`) and for a tiny model, which have no GPU memory to plan."""
+    if cfg.policy.device == "cpu" or not (cfg.model.path or cfg.model.shape):
+        return None
+    from qerl_rollout.layout import LayoutError
+    from qerl_rollout.planner import count, model_config, plan
+
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {cfg.model.path} has no config.json")
+    counts = count(model_config(cfg.model.path, cfg.model.shape), cfg.policy, cfg.rollout.scheme)
+    memory = plan(cfg, counts, cfg.placement.gpu_gib)
+    if memory.refusal:
+        raise LayoutError(f"does not fit: {memory.refusal} (the table: python -m qerl_rollout.plan "
+                          f"with this run's arguments)")
+    log.info("memory plan on %g GiB GPUs: %s", memory.gpu_gib,
+             ", ".join(f"{name} {gib:.1f} GiB" for name, gib in memory.peaks.items()))
+    return memory
 
 
 def _model_dir(cfg, run_dir: Path) -> Path:

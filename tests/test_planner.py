@@ -114,3 +114,24 @@ def test_no_model_to_plan_is_one_line(capsys):
 
     assert main(["config=grpo_qwen3_8b", "model.shape=nope"]) == 2
     assert "set model.path, or model.shape to one of ['qwen3_30b_a3b', 'qwen3_8b']" in capsys.readouterr().err
+
+
+def test_train_plans_a_gpu_run_first_and_refuses_one_that_does_not_fit(tmp_path, capsys):
+    """`train` runs the plan before anything starts: before the run directory, Ray or an engine.
+    The 8B run's trainer rank needs 19.2 GiB (the table of the test above), so 16 GiB GPUs
+    refuse it in one line and leave no run directory behind; the CPU config has nothing to plan."""
+    from qerl_rollout import train
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(model_config("", "qwen3_8b")))
+    runs = tmp_path / "runs"
+    argv = ["config=grpo_qwen3_8b", f"model.path={model}", f"task.path={tmp_path / 'math.jsonl'}",
+            f"run.output_dir={runs}", "placement.gpu_gib=16"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: does not fit: trainer rank: 19.2 GiB of a 16 GiB GPU")
+    assert not runs.exists()
+    fits = train._memory_plan(load_config(argv[:3] + [f"run.output_dir={runs}"]))
+    assert fits.refusal is None and fits.peaks["trainer rank (step)"] == pytest.approx(19.18, abs=0.01)
+    assert train._memory_plan(load_config([])) is None
