@@ -119,6 +119,15 @@ def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return row_blocks(n, max(1, min(parts, n)))
 
 
+def tensor_parallel_options(tp: int) -> dict:
+    """vLLM options of a TP engine in an actor: its TP ranks are processes of the actor
+    (`distributed_executor_backend="mp"`), on the GPUs (or cores) of the actor's own bundle.
+    Left to choose, vLLM sees the actor inside a placement group and picks its Ray executor,
+    which places the TP workers on the group's bundles from the first one: the trainer's GPUs
+    (`tests/workers/test_tp_in_bundle.py` shows vLLM 0.32's choice)."""
+    return {} if tp == 1 else {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
+
+
 def _block_seed(sampling: dict, first: int) -> dict:
     """The sampling arguments of the block starting at prompt `first`: its seed moved on by
     the streams of the prompts before it (`RolloutEngine.generate`: `seed + i * n + k`)."""
@@ -181,8 +190,7 @@ class RayPlacement:
         # Made here, once, before any engine starts: engines only load it.
         export_dir = prepare_export(model_dir, quant, engines_on_gpu=any(s.num_gpus > 0 for s in slots))
         extra = dict(options, export_dir=None if export_dir is None else str(export_dir))
-        if r.tensor_parallel_size > 1:
-            extra["tensor_parallel_size"] = r.tensor_parallel_size
+        extra.update(tensor_parallel_options(r.tensor_parallel_size))
         if self.layout.mode == "colocated" and self.layout.use_gpus:
             extra["enable_sleep_mode"] = True
         # Each engine's vLLM logs go to the run directory (Ray keeps actor output off the console).
