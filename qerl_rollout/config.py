@@ -218,6 +218,18 @@ class TrainConfig:
         self.grpo = replace(self.grpo, group_size=self.rollout.group_size)
 
 
+    @property
+    def wants_baseline(self) -> bool:
+        """A BF16 engine measures the speedup and the accuracy gap (eval.bf16), unless neither
+        is asked for or the run is already BF16."""
+        wanted = self.rollout.baseline_every or (self.eval.every and self.eval.bf16)
+        return bool(wanted) and self.rollout.scheme != "bf16"
+
+    @property
+    def engines_per_local_gpu(self) -> int:
+        """Engines in the one process of a local run: the rollout engine, and the BF16 one."""
+        return 1 + self.wants_baseline
+
     def _check_placement(self) -> None:
         """What the config alone decides; the model and the cluster are checked in `layout`."""
         p, r = self.placement, self.rollout

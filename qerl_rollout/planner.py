@@ -20,6 +20,8 @@ shapes and the run's config, per GPU, in GiB:
   quantized tensor, BF16 for the exempt ones), divided by TP; KV cache: what
   `gpu_memory_utilization` leaves after the weights, in tokens (2 x layers x KV heads x
   head_dim BF16 values per token and TP rank);
+- local: the trainer and the process's engines on one GPU; the engines share
+  `gpu_memory_utilization` (the BF16 baseline engine, when the run has one, takes half);
 - colocated: each phase's peak on a GPU shared by a trainer rank and an engine
   (`placement.phases`; train: the trainer, the engine asleep; rollout: the engine, the
   trainer on the host; push: the trainer without its activations and the engine's weights,
@@ -173,13 +175,17 @@ def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan
     out.rows.append({"role": "trainer rank", "component": "save: one trainable tensor gathered", "gib": save / GIB})
     tp = r.tensor_parallel_size
     weights = counts.engine_bytes / tp
-    kv = max(r.gpu_memory_utilization * gpu_gib * GIB - weights, 0.0)
+    local = cfg.placement.mode == "local"
+    share = r.gpu_memory_utilization / (cfg.engines_per_local_gpu if local else 1)
+    kv = max(share * gpu_gib * GIB - weights, 0.0)
     kv_token = 2 * counts.layers * max(counts.kv_heads // tp, 1) * counts.head_dim * 2
     out.rows.append({"role": "engine (per TP rank)", "component": f"weights ({r.scheme}, TP {tp})", "gib": weights / GIB})
     out.rows.append({"role": "engine (per TP rank)", "component": f"KV cache ({int(kv // kv_token)} tokens)",
                      "gib": kv / GIB})
     engine_gib = (weights + kv) / GIB
     out.peaks = {"trainer rank (step)": train_gib, "trainer rank (save)": save_gib, "engine": engine_gib}
+    if local:   # one GPU: the trainer beside what vLLM may take for all the process's engines
+        out.peaks["local: trainer + engines"] = train_gib + r.gpu_memory_utilization * gpu_gib
     if cfg.placement.mode == "colocated":
         push_gib = (sum(trainer.values()) - trainer["activations (one micro-batch)"] + weights) / GIB
         out.peaks.update({"colocated: train phase": train_gib, "colocated: rollout phase": engine_gib,
@@ -214,6 +220,10 @@ def _refusal(out: Plan, trainer: dict, save: float, weights: float, kv: float, g
                 f"(a trainable tensor gathered whole: {save / GIB:.1f} GiB)")
     if weights > budget or kv <= 0:
         return f"engine: weights {weights / GIB:.1f} GiB leave no KV cache on a {gpu_gib:g} GiB GPU"
+    if out.peaks.get("local: trainer + engines", 0) > gpu_gib:
+        return (f"local: trainer {out.peaks['trainer rank (step)']:.1f} GiB + engines "
+                f"{out.peaks['local: trainer + engines'] - out.peaks['trainer rank (step)']:.1f} GiB "
+                f"(rollout.gpu_memory_utilization) of a {gpu_gib:g} GiB GPU")
     if "colocated: push phase" in out.peaks and out.peaks["colocated: push phase"] > gpu_gib:
         return (f"colocated push phase: {out.peaks['colocated: push phase']:.1f} GiB of a {gpu_gib:g} GiB GPU "
                 "(the trainer and the engine's weights; its KV cache wakes after the trainer leaves)")

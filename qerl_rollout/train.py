@@ -296,13 +296,6 @@ def _policy_config(cfg, model_dir: Path):
                    betas=tuple(cfg.policy.betas))
 
 
-def _wants_baseline(cfg) -> bool:
-    """A BF16 engine measures the speedup and the accuracy gap (eval.bf16), unless neither is
-    asked for or the run is already BF16."""
-    wanted = cfg.rollout.baseline_every or (cfg.eval.every and cfg.eval.bf16)
-    return bool(wanted) and cfg.rollout.scheme != "bf16"
-
-
 def _baseline(cfg, placement):
     if placement.baseline is None:
         return None
@@ -325,16 +318,16 @@ def _place(cfg, model_dir: Path, run_dir: Path):
             raise LayoutError("placement.mode=local would train on a GPU Ray never gave this job's "
                               "driver; use placement.mode=split or colocated in a Ray job")
 
-        if _has_cuda():
-            engine["gpu_memory_utilization"] = r.gpu_memory_utilization
+        if _has_cuda():   # the engines of one process share the run's utilization (the plan's)
+            engine["gpu_memory_utilization"] = r.gpu_memory_utilization / cfg.engines_per_local_gpu
         route_vllm_logs(run_dir / "vllm.log")   # before the engines start: vLLM applies it then
         return LocalPlacement(cfg, model_dir, _policy_config(cfg, model_dir), grpo,
-                              with_baseline=_wants_baseline(cfg), engine_options=engine)
+                              with_baseline=cfg.wants_baseline, engine_options=engine)
     from qerl_rollout.placement.ray import RayPlacement
 
     engine["gpu_memory_utilization"] = r.gpu_memory_utilization   # read by vLLM on GPUs only
     return RayPlacement(cfg, model_dir, run_dir, _policy_config(cfg, model_dir), grpo,
-                        with_baseline=_wants_baseline(cfg), engine_options=engine)
+                        with_baseline=cfg.wants_baseline, engine_options=engine)
 
 
 def _has_cuda() -> bool:

@@ -75,6 +75,22 @@ def test_the_table_divides_as_documented():
     assert p.refusal is None
 
 
+def test_local_engines_share_the_gpu_with_the_trainer():
+    """Local on a GPU: the trainer and the process's engines on one GPU; with the BF16 baseline
+    (eval.bf16, the tiny config's default) the two engines share `gpu_memory_utilization`."""
+    cfg = _tiny_cfg("rollout.gpu_memory_utilization=0.5")
+    assert cfg.placement.mode == "local" and cfg.engines_per_local_gpu == 2
+    c = count(DENSE, cfg.policy, "fp8_block")
+    p = plan(cfg, c, gpu_gib=1.0)
+    rows = {r["component"]: r["gib"] * GIB for r in p.rows}
+    assert rows[next(k for k in rows if k.startswith("KV cache"))] == 0.25 * GIB - c.engine_bytes
+    assert p.peaks["local: trainer + engines"] == pytest.approx(p.peaks["trainer rank (step)"] + 0.5)
+    assert p.refusal is None
+    small = plan(cfg, c, gpu_gib=p.peaks["trainer rank (step)"] * 1.5)   # 0.5 of it for vLLM: over
+    assert small.refusal.startswith("local: trainer ") and "(rollout.gpu_memory_utilization)" in small.refusal
+    assert _tiny_cfg("eval.bf16=false").engines_per_local_gpu == 1
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_engine_bytes_equal_a_real_export(tiny_qwen3_moe, tmp_path, scheme):
     export_checkpoint(tiny_qwen3_moe, tmp_path / scheme, scheme, progress=False)
