@@ -3,10 +3,13 @@
 TIS weights are pi_old / pi_rollout per token, so both sides must describe the same
 distribution: the one sampled from. vLLM returns `processed_logprobs` (after temperature);
 `Policy` divides its logits by `PolicyConfig.temperature`. On the unquantized tiny model (BF16
-engine and trainer holding the same weights; LoRA B starts at 0) they agree to 0.05 at
-T = 0.7: BF16 kernel noise, which measured 0.002-0.018 at T = 1 (tests/rollout) and scales
-by 1/T. A trainer scoring at T = 1 instead is off by several times that, which the second
-check asserts, so the comparison can fail.
+engine and trainer holding the same weights; LoRA B starts at 0) they agree up to BF16 kernel
+noise. A logit error dz moves a log-softmax(z / T) by (dz_i - E_p[dz]) / T, at most
+2 max|dz| / T: measured on this test's prompts with sampling seeds 0-7 (AMD EPYC Zen 3), the
+max gap was 0.006-0.021 at T = 1 and 0.024-0.057 at T = 0.7 (2 x 0.021 / 0.7 = 0.059), so
+ATOL = 0.08. A trainer scoring at T = 1 instead was off by 0.29-0.43 over the same seeds,
+more than 3 x ATOL, which the second check asserts, so the comparison can fail. (Before each
+prompt had its own sample streams, this seed's samples gave 0.05 at most.)
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from qerl_rollout import QuantConfig, RolloutEngine
 from qerl_rollout.rl.policy import Policy, PolicyConfig, TokenBatch
 
 T = 0.7
-ATOL = 0.05
+ATOL = 0.08
 
 
 def _max_gap(policy_logp, batch, samples) -> float:
