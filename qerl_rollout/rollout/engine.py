@@ -139,33 +139,36 @@ def route_vllm_logs(log_file: str | Path) -> None:
     applies the config now as well, for a vLLM already imported. Without it vLLM prints ~40
     lines per engine start (its arguments, its config dump, every loader step) and two per push.
     """
-    config = vllm_logging_env(log_file)
-    os.environ.update(config)
     import logging.config
 
-    logging.config.dictConfig(json.loads(Path(config["VLLM_LOGGING_CONFIG_PATH"]).read_text()))
+    config = _vllm_logging_config(log_file)
+    os.environ.update(vllm_logging_env(log_file, config))
+    logging.config.dictConfig(config)
 
 
-def vllm_logging_env(log_file: str | Path) -> dict[str, str]:
+def vllm_logging_env(log_file: str | Path, config: dict | None = None) -> dict[str, str]:
     """The environment that sends a process's vLLM logs to `log_file` (an engine actor gets it
     in its `runtime_env`). vLLM applies the Python logging config named by
     `VLLM_LOGGING_CONFIG_PATH` when it is imported and when an engine starts, so this writes
     one beside `log_file`: vLLM's records to the file, its warnings and errors also to stderr
     through `ConsoleWarnings`."""
-    log_file = Path(log_file)
-    config = {
+    config_file = Path(log_file).with_suffix(".logging.json")
+    config_file.write_text(json.dumps(config or _vllm_logging_config(log_file), indent=1))
+    return {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(config_file)}
+
+
+def _vllm_logging_config(log_file: str | Path) -> dict:
+    """vLLM's records to `log_file`; its warnings and errors also to stderr, filtered."""
+    return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"file": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
                        "console": {"format": "vllm %(levelname)s: %(message)s"}},
         "filters": {"console": {"()": "qerl_rollout.rollout.engine.ConsoleWarnings"}},
-        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file), "formatter": "file"},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(Path(log_file)), "formatter": "file"},
                      "console": {"class": "logging.StreamHandler", "level": "WARNING", "formatter": "console",
                                  "filters": ["console"], "stream": "ext://sys.stderr"}},
         "loggers": {"vllm": {"handlers": ["file", "console"], "level": "INFO", "propagate": False}},
     }
-    config_file = log_file.with_suffix(".logging.json")
-    config_file.write_text(json.dumps(config, indent=1))
-    return {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_CONFIG_PATH": str(config_file)}
 
 
 def kernel_supported(scheme: str) -> tuple[bool, str]:
