@@ -13,9 +13,10 @@ shapes and the run's config, per GPU, in GiB:
   plus one layer's working set, without it every layer's working set, where a layer's working
   set is estimated as T x (10 H + 3 k I) BF16 values (attention projections and norms; the k
   routed experts' gate, up and product), plus the response logits in BF16 and their fp32
-  log-softmax (R x V x 10 bytes); and the save: the trainable tensors and their optimizer
-  state are gathered one tensor at a time onto rank 0's CPU, the frozen base never
-  (`Policy.lora_tensors`), so a rank's GPU holds one whole trainable tensor more;
+  log-softmax (R x V x 10 bytes); and the save: each rank writes its own shards of the
+  trainable tensors and their optimizer state to disk (`Policy.save_state`, DCP), staged
+  through host memory a few MB at a time: no GPU memory beyond the step's state without its
+  activations, nothing gathered, and the frozen base never written;
 - engine (per TP rank): the weights as the scheme stores them (`QuantScheme.nbytes` for every
   quantized tensor, BF16 for the exempt ones), divided by TP; KV cache: what
   `gpu_memory_utilization` leaves after the weights, in tokens (2 x layers x KV heads x
@@ -28,8 +29,7 @@ shapes and the run's config, per GPU, in GiB:
   whose KV cache wakes only after the trainer has left);
 - per step: the push's bytes, full and delta (the units LoRA touches), and their time at
   `--gbps` (a stated transport bandwidth, not a measurement);
-- host RAM per node: every trainer rank loads the whole BF16 checkpoint before sharding it;
-  at a save, rank 0's node also holds the LoRA tensors and both AdamW moments (12 bytes each).
+- host RAM per node: every trainer rank loads the whole BF16 checkpoint before sharding it.
 
 A rank over `--gpu-gib` is refused in one line naming the rank, the component and the GiB.
 Left out: vLLM's own activation and CUDA-graph memory (inside its utilization), the CUDA
@@ -57,7 +57,6 @@ class Counts:
 
     base_params: int            # every BF16 parameter (the trainer's checkpoint)
     lora_params: int            # trainable fp32 LoRA parameters
-    lora_largest: int           # the largest trainable tensor's elements (gathered whole at a save)
     layer_params: int           # the largest decoder layer's BF16 parameters
     engine_bytes: int           # the weights as the scheme stores them (the full push)
     delta_bytes: int            # the units that hold a LoRA-adapted tensor (a delta push)
@@ -120,7 +119,6 @@ def count(config: dict, policy_cfg, scheme: str) -> Counts:
     plan = build_plan(hf, scheme if scheme != "bf16" else DEFAULT_SCHEME)
     peft_model = get_peft_model(model, lora_config(policy_cfg))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    largest = max(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapted = {_plain(n) for n, p in peft_model.named_parameters() if p.requires_grad}
     stored = {d.name: (_stored_bytes(d, scheme), unit_of(d.checkpoint_names[0])) for d in plan.decisions.values()}
     changed = {unit for name, (_, unit) in stored.items() if name.rsplit(".", 1)[0] in adapted}
@@ -131,7 +129,7 @@ def count(config: dict, policy_cfg, scheme: str) -> Counts:
     text = hf.get_text_config()
     k = getattr(text, "num_experts_per_tok", None)
     inter = k * text.moe_intermediate_size if k else text.intermediate_size
-    return Counts(base, lora, largest, layer, engine, delta, text.num_hidden_layers, text.hidden_size,
+    return Counts(base, lora, layer, engine, delta, text.num_hidden_layers, text.hidden_size,
                   text.vocab_size, text.num_key_value_heads,
                   getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads, inter)
 
@@ -167,12 +165,11 @@ def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan
         "one layer all-gathered (BF16)": counts.layer_params * 2 if n > 1 else 0,
         "activations (one micro-batch)": _activation_bytes(cfg, counts),
     }
-    save = counts.lora_largest * 4 if n > 1 else 0    # one trainable tensor whole, then to rank 0's CPU
     for component, nbytes in trainer.items():
         out.rows.append({"role": "trainer rank", "component": component, "gib": nbytes / GIB})
     train_gib = sum(trainer.values()) / GIB
-    save_gib = (sum(trainer.values()) - trainer["activations (one micro-batch)"] + save) / GIB
-    out.rows.append({"role": "trainer rank", "component": "save: one trainable tensor gathered", "gib": save / GIB})
+    # A save: each rank writes its own shards (`Policy.save_state`), nothing gathered.
+    save_gib = (sum(trainer.values()) - trainer["activations (one micro-batch)"]) / GIB
     tp = r.tensor_parallel_size
     weights = counts.engine_bytes / tp
     local = cfg.placement.mode == "local"
@@ -191,11 +188,10 @@ def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan
         out.peaks.update({"colocated: train phase": train_gib, "colocated: rollout phase": engine_gib,
                           "colocated: push phase": push_gib})
     out.peaks["host RAM per node (checkpoint loads)"] = n * counts.base_params * 2 / GIB
-    out.peaks["host RAM of rank 0 at a save"] = counts.lora_params * 12 / GIB
     full, delta = counts.engine_bytes / GIB, counts.delta_bytes / GIB
     out.push = {"full_gib": full, "delta_gib": delta, "gbps": gbps,
                 "full_s": counts.engine_bytes / (gbps * 1e9), "delta_s": counts.delta_bytes / (gbps * 1e9)}
-    out.refusal = _refusal(out, trainer, save, weights, kv, gpu_gib)
+    out.refusal = _refusal(out, trainer, weights, kv, gpu_gib)
     return out
 
 
@@ -208,16 +204,13 @@ def _activation_bytes(cfg, counts: Counts) -> float:
     return kept + logits
 
 
-def _refusal(out: Plan, trainer: dict, save: float, weights: float, kv: float, gpu_gib: float) -> str | None:
+def _refusal(out: Plan, trainer: dict, weights: float, kv: float, gpu_gib: float) -> str | None:
     """One line for the first role over its GPU, naming the largest component."""
     budget = gpu_gib * GIB
     if sum(trainer.values()) > budget:
         part = max(trainer, key=trainer.get)
         return (f"trainer rank: {sum(trainer.values()) / GIB:.1f} GiB of a {gpu_gib:g} GiB GPU "
                 f"(largest: {part}, {trainer[part] / GIB:.1f} GiB)")
-    if sum(trainer.values()) - trainer["activations (one micro-batch)"] + save > budget:
-        return (f"trainer rank at save: {out.peaks['trainer rank (save)']:.1f} GiB of a {gpu_gib:g} GiB GPU "
-                f"(a trainable tensor gathered whole: {save / GIB:.1f} GiB)")
     if weights > budget or kv <= 0:
         return f"engine: weights {weights / GIB:.1f} GiB leave no KV cache on a {gpu_gib:g} GiB GPU"
     if out.peaks.get("local: trainer + engines", 0) > gpu_gib:

@@ -56,7 +56,7 @@ def run(cfg) -> dict:
     model_dir = _model_dir(cfg, run_dir)
     tokenizer, sampler, reward_fn, eval_data = _task(cfg, model_dir)
     stop = [tokenizer.eos_token_id]
-    resumed = _resume(cfg, run_dir, config, sampler)   # refused here, before anything starts
+    resumed, resumed_dir = _resume(cfg, run_dir, config, sampler)   # refused here, before anything starts
     done, version = (resumed.step, resumed.engine_version) if resumed else (0, 0)
     with ExitStack() as resources:
         placement = resources.enter_context(closing(_place(cfg, model_dir, run_dir)))
@@ -65,7 +65,7 @@ def run(cfg) -> dict:
         if resumed:
             from qerl_rollout import checkpoint
 
-            trainer.load_state_dict(resumed.trainer)
+            trainer.load_state(resumed_dir / checkpoint.TRAINER)
             checkpoint.set_rng_state(resumed.rng)   # after the engines start: vLLM seeds torch
         tracker = resources.enter_context(Tracker(
             cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
@@ -159,18 +159,19 @@ def _report(run_dir: Path) -> Path:
 def _checkpoint(cfg, run_dir, step, version, trainer, sampler, tracker, config) -> Path:
     from qerl_rollout import checkpoint
 
-    state = checkpoint.RunState(step=step, engine_version=version, trainer=trainer.state_dict(),
-                                sampler=sampler.state_dict(), rng=checkpoint.rng_state(),
-                                identity=checkpoint.identity(config), wandb_id=tracker.wandb_id)
-    return checkpoint.save(run_dir, state, trainer.save_adapter, keep=cfg.run.keep_checkpoints)
+    state = checkpoint.RunState(step=step, engine_version=version, sampler=sampler.state_dict(),
+                                rng=checkpoint.rng_state(), identity=checkpoint.identity(config),
+                                wandb_id=tracker.wandb_id)
+    return checkpoint.save(run_dir, state, trainer.save_state, trainer.save_adapter,
+                           keep=cfg.run.keep_checkpoints)
 
 
 def _resume(cfg, run_dir: Path, config: dict, sampler):
-    """The checkpoint a `run.resume=true` run continues from (its sampler cursor restored; the
-    caller restores the trainer and the RNGs), or None: not resuming, or no complete checkpoint
-    yet (start from step 1)."""
+    """(state, directory) of the checkpoint a `run.resume=true` run continues from (its
+    sampler cursor restored; the caller restores the trainer and the RNGs), or (None, None):
+    not resuming, or no complete checkpoint yet (start from step 1)."""
     if not cfg.run.resume:
-        return None
+        return None, None
     import json
 
     from qerl_rollout import checkpoint
@@ -182,12 +183,12 @@ def _resume(cfg, run_dir: Path, config: dict, sampler):
     found = checkpoint.latest(run_dir)
     if found is None:
         print(f"resume: no complete checkpoint in {run_dir}; starting from step 1", file=sys.stderr)
-        return None
+        return None, None
     state, path = found
     checkpoint.check_identity(state.identity, checkpoint.identity(config))
     sampler.load_state_dict(state.sampler)
     print(f"resume: continuing after step {state.step} from {path}", file=sys.stderr)
-    return state
+    return state, path
 
 
 # ---------------------------------------------------------------------------------------- setup

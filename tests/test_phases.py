@@ -62,7 +62,7 @@ ALLOWED = {
     ("trainer", "train_step"): {"train"},
     ("trainer", "push"): {"push"},
     ("trainer", "reference_logprobs"): {"push", "train"},
-    ("trainer", "state_dict"): {"train"},
+    ("trainer", "save_state"): {"train"},
     ("trainer", "save_adapter"): {"train"},
     ("rollout", "generate"): {"rollout"},
     ("rollout", "score"): {"rollout"},
@@ -125,7 +125,7 @@ def test_every_call_of_a_run_happens_in_a_phase_that_allows_it(tmp_path, monkeyp
     wrong = [c for c in calls if c[2] != "start" and c[2] not in ALLOWED.get(c[:2], {c[2]})]
     assert not wrong, wrong
     assert {c[:2] for c in calls} >= {("trainer", "push"), ("trainer", "reference_logprobs"),
-                                      ("trainer", "state_dict"), ("rollout", "score_each")}
+                                      ("trainer", "save_state"), ("rollout", "score_each")}
     # Checkpoints after steps 1 and 2 (each after that step's eval); the Ctrl-C's is step 2's.
-    assert [c[1] for c in calls].count("state_dict") == 3
+    assert [c[1] for c in calls].count("save_state") == 3
     assert checkpoint.latest(tmp_path / "r")[0].step == 2

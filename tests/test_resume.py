@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from qerl_rollout import checkpoint, train
 from qerl_rollout.tracking import read_metrics
@@ -30,9 +33,9 @@ COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "roll
             "rollout/response_len", "rollout/version", "sync/version")
 
 
-def _kill_after_first_checkpoint(out, name) -> int:
+def _kill_after_first_checkpoint(out, name, args=ARGS) -> int:
     cmd = [sys.executable, "-m", "qerl_rollout.train", f"run.output_dir={out}",
-           f"tracking.run_name={name}", *ARGS]
+           f"tracking.run_name={name}", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt_dir = out / name / "checkpoints"
     deadline = time.monotonic() + 300
@@ -80,6 +83,28 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["steps"] == 6
 
 
+SPLIT = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
+         "placement.mode=split", "trainer.num_workers=2", "rollout.num_engines=2", "eval.every=0",
+         "tracking.wandb_mode=disabled"]
+
+
+def test_a_killed_split_run_with_two_workers_and_two_engines_resumes_exactly(tmp_path):
+    """The same on Ray: 2 FSDP2 ranks that each wrote and now read their own shards of the
+    trainer state, and 2 engines pushed the restored policy; SIGKILL takes the driver, and
+    with it the actors (Ray ends the workers of a dead driver)."""
+    assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=full", *SPLIT]) == 0
+    full = read_metrics(tmp_path / "full")
+    logged_when_killed = _kill_after_first_checkpoint(tmp_path, "killed", SPLIT)
+    assert 2 <= logged_when_killed < 4
+    assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=killed", "run.resume=true", *SPLIT]) == 0
+    rows = read_metrics(tmp_path / "killed")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for mine, ref in zip(rows, full):
+        assert {k: mine[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}, mine["step"]
+    # After the resume's full push, step 3's is the delta the uninterrupted run sent.
+    assert rows[2]["sync/mb"] == full[2]["sync/mb"]
+
+
 def test_a_corrupt_or_partial_checkpoint_is_skipped_for_the_previous_good_one(tmp_path, caplog):
     run_dir = tmp_path / "r"
     assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2",
@@ -87,17 +112,26 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_for_the_previous_good_one(tm
                        "tracking.wandb_mode=disabled"]) == 0
     root = run_dir / "checkpoints"
     good = root / "step-000002"
-    torn = root / "step-000003"                  # a newer checkpoint with a truncated trainer.pt
-    torn.mkdir()
-    (torn / "adapter").mkdir()
-    (torn / "meta.json").write_text((good / "meta.json").read_text())
-    (torn / "trainer.pt").write_bytes((good / "trainer.pt").read_bytes()[:100])
-    (root / ".step-000004.partial-x").mkdir()   # what a kill during save leaves
+    torn = root / "step-000003"                  # a newer checkpoint with a trainer shard cut short
+    shutil.copytree(good, torn)
+    shard = torn / "trainer" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    lost = root / "step-000004"                  # and one whose shard file never arrived
+    shutil.copytree(good, lost)
+    (lost / "trainer" / "__0_0.distcp").unlink()
+    (root / ".step-000005.partial-x").mkdir()   # what a kill during save leaves
     with caplog.at_level(logging.WARNING, logger="qerl_rollout.checkpoint"):
         state, path = checkpoint.latest(run_dir)
     assert path == good and state.step == 2 and state.engine_version == 2
-    assert any("skipping checkpoint" in r.getMessage() and "step-000003" in r.getMessage()
-               for r in caplog.records)
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert "step-000004" in skipped[0] and "__0_0.distcp is missing" in skipped[0]
+    assert "step-000003" in skipped[1] and "cut short (100 of" in skipped[1]
+    # A checkpoint of the older single-file format is refused in one line, not skipped.
+    old = root / "step-000006"
+    old.mkdir()
+    (old / "trainer.pt").write_bytes(b"x")
+    with pytest.raises(checkpoint.OldFormatError, match="cannot resume: .*step-000006 was written by an older"):
+        checkpoint.latest(run_dir)
 
 
 def test_report_cli(tmp_path, capsys):
@@ -129,3 +163,19 @@ def test_ctrl_c_checkpoints_the_last_completed_step(tmp_path):
     state, path = checkpoint.latest(tmp_path / "r")
     # the interrupt may land between logging a step and counting it done: then the one before
     assert state.step in (logged - 1, logged) and f"step {state.step} is checkpointed" in err
+
+
+def test_a_save_whose_trainer_shard_did_not_arrive_leaves_no_checkpoint(tmp_path):
+    """A rank that wrote its shard where the driver cannot see it (another node, another
+    filesystem) is caught before the rename: no step directory, no partial one left behind."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    def write_trainer(path):
+        dcp.save({"lora": torch.ones(4)}, checkpoint_id=str(path), no_dist=True)
+        (path / "__0_0.distcp").unlink()       # as if rank 0's file went to its own disk
+
+    state = checkpoint.RunState(step=3, engine_version=3, sampler={}, rng=checkpoint.rng_state(), identity={})
+    with pytest.raises(FileNotFoundError, match="__0_0.distcp is missing: a trainer rank's shard did not arrive"):
+        checkpoint.save(tmp_path, state, write_trainer, lambda path: path.mkdir())
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -109,8 +109,9 @@ def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
     assert len(workers["baseline"]) == int(evaluate)
     from qerl_rollout import checkpoint
 
-    state, _ = checkpoint.latest(run_dir)
-    assert state.step == 3 and state.trainer["format"] == "fsdp_full"
+    state, path = checkpoint.latest(run_dir)     # each rank wrote its own shard file
+    assert state.step == 3 and sorted(p.name for p in (path / "trainer").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
     assert ("no sleep mode" in caplog.text) == (placement == "colocated")
     # Each engine actor's vLLM logs are in the run directory, from its first line.
     for engine in ["engine-0", "engine-1"] + ["baseline-engine-0"] * evaluate:

@@ -9,10 +9,12 @@ factors; everything else is this project's own code on it:
 
 1. one rank joins a process group (NCCL on CUDA, gloo with --cpu-smoke) and shards the model
    with `rl.fsdp.shard_policy`, as a trainer rank does; one AdamW step makes optimizer state;
-2. save: `rl.policy.Policy.lora_tensors` (the checkpoint's gather: trainable tensors only, one
-   at a time, onto the CPU): the peak device memory above the resident state, against the
-   largest trainable tensor (the plan's "save" row) and the whole model;
-3. load: the same tensors back through `set_model_state_dict`, its peak above resident;
+2. save: `rl.policy.Policy.save_state` (the run checkpoint's trainer part: the rank writes its
+   shards of the trainable tensors and AdamW state with torch.distributed.checkpoint, nothing
+   gathered): the peak device memory above the resident state, against the largest trainable
+   tensor (the plan's "save" row) and the whole model;
+3. load: the trainable tensors and moments are zeroed, `Policy.load_state` reads them back:
+   its peak above resident, and whether every value came back bit for bit;
 4. offload: `rl.policy.Policy.to_device` to the host and back (the colocated train/rollout
    moves): device memory allocated and reserved before, on the host (the allocator cache must
    be empty: the engine beside it is another process) and after the return, and whether every
@@ -29,6 +31,7 @@ import argparse
 import json
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,19 +74,18 @@ def _peak_above(device, fn):
     return out, (torch.cuda.max_memory_allocated() - before) / MIB
 
 
-def measure(layers: int, hidden: int, device: torch.device) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from qerl_rollout.rl.policy import Policy
+def measure(layers: int, hidden: int, device: torch.device, ckpt_dir: Path) -> dict:
+    from qerl_rollout.rl.policy import Policy, PolicyConfig, build_optimizer
 
     model = build_model(layers, hidden, device.type)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer, scheduler = build_optimizer(trainable, PolicyConfig(lr=1e-4))
     ids = torch.randint(0, 32000, (2, 64), device=device)
     model(input_ids=ids).logits.float().mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    policy = SimpleNamespace(model=model, optimizer=optimizer, distributed=True)
+    policy = SimpleNamespace(model=model, optimizer=optimizer, scheduler=scheduler, step=1, distributed=True)
+    policy._dcp_state = lambda: Policy._dcp_state(policy)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "layers": layers, "hidden": hidden,
            "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB,
@@ -91,15 +93,19 @@ def measure(layers: int, hidden: int, device: torch.device) -> dict:
            "resident": _mem(device)}
     parts = {}
     try:
-        lora, peak = _peak_above(device, lambda: Policy.lora_tensors(policy))
-        parts["save"] = {"peak_above_resident_mib": peak, "tensors": len(lora),
-                         "on_cpu": all(t.device.type == "cpu" for t in lora.values())}
-        _, peak = _peak_above(device, lambda: set_model_state_dict(
-            model, lora, options=StateDictOptions(full_state_dict=True, strict=False)))
-        parts["load"] = {"peak_above_resident_mib": peak}
+        saved = _trainable_state(model, optimizer)
+        _, peak = _peak_above(device, lambda: Policy.save_state(policy, ckpt_dir))
+        parts["save"] = {"peak_above_resident_mib": peak,
+                         "files": sorted(p.name for p in ckpt_dir.iterdir())}
+        with torch.no_grad():
+            for t in _tensors(model, optimizer):
+                t.zero_()
+        _, peak = _peak_above(device, lambda: Policy.load_state(policy, ckpt_dir))
+        loaded = _trainable_state(model, optimizer)
+        parts["load"] = {"peak_above_resident_mib": peak, "values_equal": all(
+            torch.equal(saved[k], loaded[k]) for k in saved)}
     except Exception as e:  # noqa: BLE001 - recorded, the next part still runs
         parts.setdefault("save", {})["error"] = f"{type(e).__name__}: {e}"
-        lora = None
     try:
         before = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
         offload = {"before": _mem(device)}
@@ -114,6 +120,16 @@ def measure(layers: int, hidden: int, device: torch.device) -> dict:
         parts["offload"] = {"error": f"{type(e).__name__}: {e}"}
     out["parts"] = parts
     return out
+
+
+def _tensors(model, optimizer) -> list[torch.Tensor]:
+    """This rank's local shards of the trainable tensors and their AdamW moments."""
+    out = [_local(p.data) for p in model.parameters() if p.requires_grad]
+    return out + [_local(s[k]) for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+
+
+def _trainable_state(model, optimizer) -> dict[int, torch.Tensor]:
+    return {i: t.to("cpu", copy=True) for i, t in enumerate(_tensors(model, optimizer))}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -131,6 +147,7 @@ def table(result: dict) -> str:
     for name in ("save", "load"):
         part = p.get(name, {})
         rows.append(f"{name:<8} peak above resident {mib(part.get('peak_above_resident_mib'))} MiB"
+                    + (f"; values equal after the load: {part['values_equal']}" if "values_equal" in part else "")
                     + (f"  ERROR {part['error']}" if "error" in part else ""))
     off = p.get("offload", {})
     if "error" in off:
@@ -144,7 +161,8 @@ def table(result: dict) -> str:
 
 def failed(result: dict) -> bool:
     p = result["parts"]
-    return any("error" in part for part in p.values()) or not p.get("offload", {}).get("values_equal", False)
+    return (any("error" in part for part in p.values()) or not p.get("offload", {}).get("values_equal", False)
+            or not p.get("load", {}).get("values_equal", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo" if args.cpu_smoke else "nccl", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     try:
-        result = measure(layers, hidden, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = measure(layers, hidden, device, Path(tmp) / "trainer")
     finally:
         dist.destroy_process_group()
     print(table(result))

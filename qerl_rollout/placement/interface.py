@@ -7,7 +7,7 @@ and `train.run` speaks only these methods, so a new placement is a new module he
 the same parameters.
 
     Trainer    train_step, push (into a target: "rollout" or "baseline"), the push check's
-               reference, the checkpoint's state, the final adapter; `to_device` where the
+               reference, the checkpoint's state (written and read by the ranks), the final adapter; `to_device` where the
                trainer moves (colocated)
     Rollout    generate, score, score_each (every engine, for the push check), the receiver
                a push streams into
@@ -39,10 +39,11 @@ class Trainer(Protocol):
     def reference_logprobs(self, probe, scheme: str) -> list[list[float]] | None:
         """The push check's reference scores of `probe`, or None (a sharded trainer)."""
 
-    def state_dict(self) -> dict:
-        """The trainable state in full tensors (the checkpoint's `trainer`)."""
+    def save_state(self, path: str | Path) -> None:
+        """Write the trainable state into checkpoint directory `path`, each rank its shards."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state(self, path: str | Path) -> None:
+        """Restore `save_state`'s directory (written by any number of ranks)."""
 
     def save_adapter(self, path: str | Path) -> None: ...
 

@@ -5,8 +5,8 @@ How it works. The local placement holds one (rank 0 of 1) and calls it directly;
 FSDP2 rank is one (`workers.trainer.TrainerWorker` adds the actor's process group and its
 transport) and `workers.trainer.RayTrainer` calls all of them. What differs by rank lives
 here, once: a sharded rank's sync quantizes its own rows and only rank 0 talks to the
-engines; only rank 0 returns the checkpoint state; a sharded trainer holds no whole policy
-for the push check's reference. `policy` stays reachable for what needs the model itself
+engines; every rank writes and reads its own shards of a checkpoint; a sharded trainer holds
+no whole policy for the push check's reference. `policy` stays reachable for what needs the model itself
 (router statistics, local placement only).
 """
 
@@ -49,12 +49,18 @@ class PolicyTrainer:
 
         return reference_logprobs(self.policy.model, scheme, probe)
 
-    def state_dict(self) -> dict | None:
-        state = self.policy.state_dict()        # a collective on a sharded trainer: every rank
-        return state if self.rank == 0 else None
+    def save_state(self, path: str | Path) -> None:
+        """This rank's shards into checkpoint directory `path` (`Policy.save_state`; a
+        collective on a sharded trainer: every rank calls it)."""
+        self.policy.save_state(path)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state)
+    def load_state(self, path: str | Path) -> None:
+        self.policy.load_state(path)
+
+    def lora_tensors(self) -> dict | None:
+        """The LoRA tensors whole on rank 0, None on the others (a collective when sharded)."""
+        lora = self.policy.lora_tensors()
+        return lora if self.rank == 0 else None
 
     def save_adapter(self, path: str | Path) -> None:
         self.policy.save_adapter(path)

@@ -23,15 +23,21 @@ gets its rows of the global batch; the whole-batch denominators (tokens, sequenc
 length) are all-reduced before the loss, so the summed gradient is that of the global
 token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank may have one
 micro-batch fewer than another; it runs zero-weighted filler passes to the common count, since
-each FSDP2 forward and backward is a collective (unequal counts hang). `state_dict` / `load_state_dict` then speak full
-(unsharded) tensors, the single-process format, through torch.distributed.checkpoint: gathered
-onto rank 0's CPU only, one tensor at a time, without the frozen base.
+each FSDP2 forward and backward is a collective (unequal counts hang).
+
+Checkpoints (`save_state` / `load_state`) are torch.distributed.checkpoint directories of
+the trainable state alone (the frozen base is the model checkpoint's): each rank writes and
+reads its own shards, nothing is gathered, and a state written by N ranks loads into M (one
+process included) exactly. `lora_tensors` and `save_adapter` gather the adapters whole (small:
+the LoRA factors only) for the weight sync's reference and the user's adapter.
 Left out: multiple PPO epochs inside one call (call `train_step` again with the same
 `logp_old`).
 """
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,24 +396,47 @@ class Policy:
         metrics["response_tokens"] = mask.sum().item()
         return metrics
 
-    def state_dict(self) -> dict:
-        """What a run needs to continue training: LoRA tensors, optimizer, scheduler, step.
+    def save_state(self, path: str | Path) -> None:
+        """Write what a run needs to continue training (LoRA tensors, AdamW moments, LR
+        schedule, step) into directory `path` with torch.distributed.checkpoint (DCP).
 
-        Distributed: a collective; rank 0 returns the full LoRA tensors and optimizer state on
-        its CPU (gathered one tensor at a time, the frozen base never), the others empty ones.
+        The frozen base is left out (`ignore_frozen_params`). Sharded: a collective in which
+        each rank writes its own shards to `__<rank>_0.distcp` and rank 0 the `.metadata`
+        index of every chunk's global offsets; nothing is gathered. Single process: the same
+        format, one file. Every rank must see `path` (one filesystem for all of them).
         """
-        if not self.distributed:
-            return {"lora": self.lora_tensors(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": self.step}
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+        import torch.distributed.checkpoint as dcp
 
-        optim = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {"lora": self.lora_tensors(), "optimizer": _to_cpu(optim),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "format": "fsdp_full"}
+        with _no_dist_quiet():
+            dcp.save(self._dcp_state(), checkpoint_id=str(path), no_dist=not self.distributed)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore `save_state`'s directory in place. Each rank reads only the chunks that
+        overlap its own shards, so a state written by N ranks loads into M (1 included): DCP
+        places every chunk by its global offsets. The trainable tensors must be exactly the
+        checkpoint's, with their shapes, else ValueError naming the first that differ."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._dcp_state()
+        _check_saved_tensors(path, state["model"])
+        with _no_dist_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not self.distributed)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=_dcp_options())
+        self.scheduler.load_state_dict(state["schedule"]["scheduler"])
+        self.step = state["schedule"]["step"]
+
+    def _dcp_state(self) -> dict:
+        """The DCP state: this rank's shards (DTensors when sharded) of the trainable tensors
+        and of the AdamW state keyed by parameter name, plus the schedule. An optimizer that
+        has not stepped gets its state initialised first (a zero-gradient step at lr 0), so a
+        fresh policy has tensors to load into."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer, options=_dcp_options())
+        return {"model": model, "optim": optim,
+                "schedule": {"scheduler": self.scheduler.state_dict(), "step": self.step}}
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, whole, on the CPU.
@@ -456,27 +485,6 @@ class Policy:
             for name, p in params.items():
                 p.copy_(lora[name])
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`; every trainable tensor must be in it, with its shape."""
-        if self.distributed != (state.get("format") == "fsdp_full"):
-            raise ValueError("the checkpoint's optimizer state was written by a "
-                             f"{'distributed' if state.get('format') else 'single-process'} trainer; "
-                             "resume it with trainer.num_workers "
-                             f"{'> 1' if state.get('format') else '= 1'}")
-        self.load_lora(state["lora"])
-        if self.distributed:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
-
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-
     def save_adapter(self, path: str | Path) -> None:
         """Write the LoRA adapter (peft format) to `path`. Distributed: every rank calls it (the
         adapters are gathered whole) and rank 0 writes. LoRA on lm_head or embeddings leaves
@@ -499,14 +507,38 @@ def _rows_or_filler(batch: TokenBatch, sl: slice | None) -> TokenBatch:
     return batch.rows(0, 1) if sl is None else batch.rows(sl.start, sl.stop)
 
 
-def _to_cpu(tree):
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
+def _dcp_options():
+    """The trainable tensors only; `strict=False` lets the set leave the frozen base as it is
+    (`_check_saved_tensors` and DCP's own load check that every trainable one is there)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@contextmanager
+def _no_dist_quiet():
+    """DCP warns on every single-process save and load that it assumes one process; `no_dist`
+    already says so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _check_saved_tensors(path: str | Path, model_state: dict) -> None:
+    """The checkpoint in `path` holds exactly these trainable tensors, with these global shapes
+    (DCP itself would skip a tensor the checkpoint has and the policy lacks)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = {k[len("model."):]: v.size for k, v in FileSystemReader(str(path)).read_metadata()
+             .state_dict_metadata.items() if k.startswith("model.")}
+    ours = {k: tuple(v.shape) for k, v in model_state.items()}
+    if saved.keys() != ours.keys():
+        raise ValueError(f"the checkpoint's LoRA tensors differ from the policy's: missing "
+                         f"{sorted(ours.keys() - saved.keys())[:3]}, unexpected {sorted(saved.keys() - ours.keys())[:3]}")
+    shapes = [k for k in ours if tuple(saved[k]) != ours[k]]
+    if shapes:
+        raise ValueError(f"the checkpoint's {shapes[0]} is {tuple(saved[shapes[0]])}, the policy's "
+                         f"{ours[shapes[0]]} (another lora_rank or model?)")
 
 
 # Per-rank train_step metrics -> the global batch's: sums, values every rank shares, and

@@ -15,8 +15,9 @@ How it works.
   engines ("rollout", "baseline"); rank 0 holds the `RayWeightReceiver` that puts each bucket
   into the object store once for all of them. `push(target, ...)` runs it on every rank and
   returns rank 0's report; a transport failure is retried once in full, on every rank.
-- `state_dict()` / `load_state_dict()` / `save_adapter()` speak full tensors (the checkpoint
-  format of a single-process run plus `format="fsdp_full"` for the optimizer).
+- `save_state(path)` / `load_state(path)`: every rank writes or reads its own shards of the
+  checkpoint directory (`Policy.save_state`); the driver passes the path, never the tensors.
+  `save_adapter()` and `lora_tensors()` gather the LoRA factors whole on rank 0.
 - Every call waits for the ranks in the order they finish; the first rank that failed is
   reported, and a dead actor raises `WorkerDiedError` naming the worker, its pid and node
   (the surviving ranks are then blocked in a collective: `close()` kills them all).
@@ -182,11 +183,14 @@ class RayTrainer:
     def reference_logprobs(self, probe, scheme: str):
         return self._all("reference_logprobs", probe, scheme)[0]
 
-    def state_dict(self) -> dict:
-        return self._all("state_dict")[0]
+    def save_state(self, path) -> None:
+        self._all("save_state", str(path))
 
-    def load_state_dict(self, state: dict) -> None:
-        self._all("load_state_dict", ray.put(state))
+    def load_state(self, path) -> None:
+        self._all("load_state", str(path))
+
+    def lora_tensors(self) -> dict:
+        return self._all("lora_tensors")[0]
 
     def save_adapter(self, path) -> None:
         self._all("save_adapter", str(path))

@@ -1,8 +1,8 @@
 """The device check's memory part (`bench device_memory`) on CPU: its logic, not its figures.
 
-`--cpu-smoke` runs the same steps over gloo on a 2-layer model: the checkpoint gather returns
-every trainable tensor (2 q_proj weights) on the CPU, the load takes them back, and the
-offload round trip returns every trainable value bit for bit. The device figures (peak memory
+`--cpu-smoke` runs the same steps over gloo on a 2-layer model: the checkpoint save writes
+the rank's torch.distributed.checkpoint files, the load restores every zeroed trainable value
+and AdamW moment bit for bit, and so does the offload round trip. The device figures (peak memory
 above resident, the allocator cache on the host) exist only on CUDA.
 """
 
@@ -25,11 +25,13 @@ def test_device_memory_smoke_runs_every_part(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     parts = result["parts"]
-    assert parts["save"]["tensors"] == 2 and parts["save"]["on_cpu"]
-    assert "error" not in parts["load"] and parts["offload"]["values_equal"] is True
+    assert parts["save"]["files"] == [".metadata", "__0_0.distcp"]
+    assert parts["load"]["values_equal"] is True and parts["offload"]["values_equal"] is True
     assert not failed(result)
     assert failed({**result, "parts": {**parts, "load": {"error": "OutOfMemoryError: ..."}}})
+    assert failed({**result, "parts": {**parts, "load": {"values_equal": False}}})
     assert "values equal after the round trip: True" in run.stdout
+    assert "values equal after the load: True" in run.stdout
 
 
 def test_the_device_check_script_parses():

@@ -52,12 +52,12 @@ def test_two_ranks_take_the_single_process_step(trainer, tiny_qwen3_moe):
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
     assert m2["response_tokens"] == m1["response_tokens"]
     assert m2["rollout_corr/k3_kl"] == pytest.approx(m1["rollout_corr/k3_kl"], rel=1e-4)
-    assert_same_adamw_step(grads, w1, trainer.state_dict()["lora"])
+    assert_same_adamw_step(grads, w1, trainer.lora_tensors())
 
 
 def test_the_step_moved_the_weights(trainer):
     """Guards the comparison above: the 2-rank step changed lora_B (it starts at zero)."""
-    lora = trainer.state_dict()["lora"]
+    lora = trainer.lora_tensors()
     moved = [n for n, t in lora.items() if "lora_B" in n and t.abs().max() > 0]
     assert len(moved) == sum("lora_B" in n for n in lora)
 

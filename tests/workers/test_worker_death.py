@@ -4,9 +4,9 @@ A real `python -m qerl_rollout.train` runs the tiny config with 2 FSDP2 trainer 
 an engine in Ray actors (placement split). As soon as its first checkpoint is complete, the
 process of trainer worker 1 (pid from run_dir/workers.json) is SIGKILLed. The run must exit
 with status 1 within a minute and one line naming that worker and its pid, its checkpoint must
-still load, and `run.resume=true` with the same layout and schedule (a resume may change
-neither: `checkpoint.identity`) must continue from it to the end (the sharded trainer restores
-the full-tensor checkpoint) and log every step once. The run has 6 steps: the kill comes within
+still load, and `run.resume=true` with the same schedule (`checkpoint.identity`) but one
+trainer worker where there were two (the node lost a GPU) must continue from it to the end
+(the 2-rank checkpoint reshards into one) and log every step once. The run has 6 steps: the kill comes within
 a poll (0.2 s) of the step-2 checkpoint, steps take seconds each.
 """
 
@@ -52,10 +52,11 @@ def test_killed_trainer_worker_is_named_and_the_run_resumes(tmp_path):
     last = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert last and f"trainer worker 1 (pid {victim['pid']} on {victim['node']}) died" in last[-1], stderr[-3000:]
     state, path = checkpoint.latest(run_dir)
-    assert state.step >= 2 and state.trainer["format"] == "fsdp_full"
+    assert state.step >= 2 and sorted(p.name for p in (path / "trainer").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]
 
     assert state.step < STEPS   # killed before the end
-    resumed = subprocess.run(_train(tmp_path, f"run.steps={STEPS}", "run.resume=true"),
+    resumed = subprocess.run(_train(tmp_path, f"run.steps={STEPS}", "run.resume=true", "trainer.num_workers=1"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"continuing after step {state.step}" in resumed.stderr
