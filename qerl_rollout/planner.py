@@ -29,7 +29,9 @@ shapes and the run's config, per GPU, in GiB:
   whose KV cache wakes only after the trainer has left);
 - per step: the push's bytes, full and delta (the units LoRA touches), and their time at
   `--gbps` (a stated transport bandwidth, not a measurement);
-- host RAM per node: every trainer rank loads the whole BF16 checkpoint before sharding it.
+- host RAM of rank 0's node while the model loads: rank 0 reads the whole BF16 checkpoint and
+  broadcasts it, the other ranks build on the meta device (`rl.fsdp.load_sharded`); a model
+  with tied embeddings is read by every rank.
 
 A rank over `--gpu-gib` is refused in one line naming the rank, the component and the GiB.
 Left out: vLLM's own activation and CUDA-graph memory (inside its utilization), the CUDA
@@ -66,6 +68,7 @@ class Counts:
     kv_heads: int
     head_dim: int
     topk_intermediate: int      # k x moe_intermediate_size (MoE) or intermediate_size (dense)
+    tied: bool = False          # tie_word_embeddings: every trainer rank reads the checkpoint
 
 
 @dataclass
@@ -120,7 +123,9 @@ def count(config: dict, policy_cfg, scheme: str) -> Counts:
     peft_model = get_peft_model(model, lora_config(policy_cfg))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapted = {_plain(n) for n, p in peft_model.named_parameters() if p.requires_grad}
-    stored = {d.name: (_stored_bytes(d, scheme), unit_of(d.checkpoint_names[0])) for d in plan.decisions.values()}
+    # A tied lm_head has no checkpoint name of its own: the engine stores the embedding once.
+    stored = {d.name: (_stored_bytes(d, scheme), unit_of(d.checkpoint_names[0]))
+              for d in plan.decisions.values() if d.checkpoint_names}
     changed = {unit for name, (_, unit) in stored.items() if name.rsplit(".", 1)[0] in adapted}
     if any(u.endswith(".experts") for u in changed):   # experts travel all together (WeightSync)
         changed |= {unit for _, unit in stored.values() if unit.endswith(".experts")}
@@ -131,7 +136,8 @@ def count(config: dict, policy_cfg, scheme: str) -> Counts:
     inter = k * text.moe_intermediate_size if k else text.intermediate_size
     return Counts(base, lora, layer, engine, delta, text.num_hidden_layers, text.hidden_size,
                   text.vocab_size, text.num_key_value_heads,
-                  getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads, inter)
+                  getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads, inter,
+                  tied=bool(getattr(hf, "tie_word_embeddings", False)))
 
 
 def _plain(name: str) -> str:
@@ -187,7 +193,8 @@ def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan
         push_gib = (sum(trainer.values()) - trainer["activations (one micro-batch)"] + weights) / GIB
         out.peaks.update({"colocated: train phase": train_gib, "colocated: rollout phase": engine_gib,
                           "colocated: push phase": push_gib})
-    out.peaks["host RAM per node (checkpoint loads)"] = n * counts.base_params * 2 / GIB
+    readers = n if counts.tied else 1     # tied: every rank reads it (on one node, at worst)
+    out.peaks["host RAM of rank 0's node (model load)"] = readers * counts.base_params * 2 / GIB
     full, delta = counts.engine_bytes / GIB, counts.delta_bytes / GIB
     out.push = {"full_gib": full, "delta_gib": delta, "gbps": gbps,
                 "full_s": counts.engine_bytes / (gbps * 1e9), "delta_s": counts.delta_bytes / (gbps * 1e9)}

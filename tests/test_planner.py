@@ -73,6 +73,13 @@ def test_the_table_divides_as_documented():
     assert p.peaks["colocated: push phase"] == pytest.approx(
         p.peaks["trainer rank (step)"] - activations / GIB + c.engine_bytes / GIB)
     assert p.push["delta_s"] == pytest.approx(c.delta_bytes / 1e9)
+    # Only rank 0 reads the model (the other builds on meta); tied embeddings: both ranks read it.
+    assert p.peaks["host RAM of rank 0's node (model load)"] == pytest.approx(c.base_params * 2 / GIB)
+    tied = count({**DENSE, "tie_word_embeddings": True}, cfg.policy, "fp8_block")
+    assert tied.tied and plan(cfg, tied, gpu_gib=1.0).peaks["host RAM of rank 0's node (model load)"] == \
+        pytest.approx(2 * tied.base_params * 2 / GIB)
+    # Tied, the lm_head (256 x 64, BF16 in the engine) is the embedding: stored once, counted once.
+    assert (tied.base_params, tied.engine_bytes) == (c.base_params - 256 * 64, c.engine_bytes - 256 * 64 * 2)
     assert p.refusal is None
 
 

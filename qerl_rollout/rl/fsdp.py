@@ -22,12 +22,22 @@ group (FSDP2's default averages over ranks, right only for a mean of per-rank me
 collectives use plain SUM (a factor of 1 would otherwise become NCCL's PREMUL_SUM, which gloo
 lacks).
 
+Loading (`load_sharded`): only rank 0 reads the checkpoint, into host memory; every other
+rank builds the same LoRA model on the meta device (shapes, no storage). All shard it, then
+`set_model_state_dict(broadcast_from_rank0=True)` sends rank 0's tensors one at a time and
+each rank keeps its own slice, so a node's host memory holds one copy of the model (rank 0's)
+instead of one per rank. The buffers that are not in a state dict (rotary `inv_freq`) are
+broadcast the same way. A model with tied embeddings is loaded whole on every rank instead:
+assigning the two names separately would untie them.
+
 `qerl_rollout.dist.row_range(n, rank, world)` is that chunk arithmetic, for code that must
 know which rows a rank holds (the sharded weight sync). Left out: HSDP (replicate x shard meshes), activation
 checkpointing policies beyond transformers' own, and CPU offload of the optimizer state.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -52,6 +62,42 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not layers:
         raise ValueError(f"{type(model).__name__}: no decoder layers (`*.layers.<i>`) to shard")
     return layers
+
+
+def load_sharded(build, device) -> nn.Module:
+    """`build(device)` -> the LoRA model (rank 0: on the CPU, read; others: on "meta"), sharded
+    over all ranks with its weights from rank 0 (module docstring). Returns the model."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank0 = dist.get_rank() == 0
+    model = build(torch.device("cpu") if rank0 else torch.device("meta"))
+    if getattr(model.config, "tie_word_embeddings", False):   # every rank reads it (module docstring)
+        if not rank0:
+            model = build(torch.device("cpu"))
+        return shard_policy(model, device.type)
+    full = model.state_dict() if rank0 else {}
+    shard_policy(model, device.type)
+    with warnings.catch_warnings():   # torch 2.13 asks its own deprecated default-device helper
+        warnings.filterwarnings("ignore", "`_get_pg_default_device` will be deprecated", UserWarning)
+        warnings.filterwarnings("ignore", "Multiple backends are registered", UserWarning)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    _broadcast_buffers(model, device)
+    return model
+
+
+def _broadcast_buffers(model: nn.Module, device) -> None:
+    """Rank 0's buffers onto every rank, in `named_buffers` order (the same on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    for name, buffer in model.named_buffers():
+        value = buffer.to(device) if dist.get_rank() == 0 else torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+        dist.broadcast(value, src=0)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = value
 
 
 def shard_policy(model: nn.Module, device_type: str = "cpu") -> nn.Module:

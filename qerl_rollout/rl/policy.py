@@ -17,8 +17,9 @@ accumulated over micro-batches with whole-batch denominators, gradient clipping,
 schedule.
 
 Distributed (`Policy(..., distributed=True)`, inside an initialised torch.distributed group):
-every rank loads the checkpoint on the CPU, attaches the same seeded adapters, and shards them
-with FSDP2 (`rl.fsdp.shard_policy`, which moves each shard to the rank's device). Each rank
+rank 0 loads the checkpoint on the CPU with the seeded adapters, the other ranks build the
+same model on the meta device (no weight read), all shard it with FSDP2, and rank 0
+broadcasts one tensor at a time while each rank keeps its shard (`rl.fsdp.load_sharded`). Each rank
 gets its rows of the global batch; the whole-batch denominators (tokens, sequences, padded
 length) are all-reduced before the loss, so the summed gradient is that of the global
 token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank may have one
@@ -162,12 +163,23 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def load_lora_model(cfg: PolicyConfig, device: torch.device):
-    """Load `cfg.model_path` in `cfg.dtype` and wrap it in a peft LoRA model."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    """Load `cfg.model_path` in `cfg.dtype` and wrap it in a peft LoRA model. On the meta
+    device nothing is read but the config: the same modules, names, dtypes and shapes, with
+    no storage (a sharded rank's frame for the weights rank 0 broadcasts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=getattr(torch, cfg.dtype))
-    model.to(device)
+    dtype = getattr(torch, cfg.dtype)
+    if device.type == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_path), dtype=dtype)
+            return _with_lora(model.eval(), cfg)        # eval(): as from_pretrained leaves it
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+    return _with_lora(model.to(device), cfg)
+
+
+def _with_lora(model, cfg: PolicyConfig):
+    from peft import get_peft_model
+
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -218,11 +230,12 @@ class Policy:
         self.distributed = distributed
         with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG left alone
             torch.manual_seed(cfg.seed)
-            self.model = load_lora_model(cfg, torch.device("cpu") if distributed else self.device)
-        if distributed:
-            from qerl_rollout.rl.fsdp import shard_policy
+            if distributed:
+                from qerl_rollout.rl.fsdp import load_sharded
 
-            shard_policy(self.model, self.device.type)
+                self.model = load_sharded(lambda device: load_lora_model(cfg, device), self.device)
+            else:
+                self.model = load_lora_model(cfg, self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg)
         self.step = 0

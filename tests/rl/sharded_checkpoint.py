@@ -1,6 +1,8 @@
 """Run under `python -m torch.distributed.run --nproc-per-node N` by test_sharded_checkpoint.py.
 
-`save MODEL_DIR OUT`: every rank builds the FSDP2-sharded policy, takes one GRPO step (so the
+`save MODEL_DIR OUT`: every rank builds the FSDP2-sharded policy while its reads of the model
+checkpoint are counted (rank 0 writes the loaded full model state to OUT/model.pt and each rank
+its buffers to OUT/buffers-rank<r>.pt), takes one GRPO step (so the
 AdamW moments are not zero) and writes `Policy.save_state(OUT/ckpt)` while every gather of
 torch.distributed.checkpoint is recorded; then (after the save) the full LoRA tensors and
 AdamW state are gathered for the comparison and rank 0 writes them to OUT/reference.pt.
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dcp_state_dict
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from one_step import GRPO, batch, policy_config  # noqa: E402
@@ -59,8 +63,21 @@ def main(mode: str, model_dir: str, out: str) -> None:
 
     dcp_state_dict._gather_state_dict = recording
     FileSystemReader.read_data = counting
+    reads = [0]
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting_reads(cls, *args, **kwargs):
+        reads[0] += 1
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(counting_reads)
     policy = Policy(policy_config(model_dir), GRPO, MismatchConfig(), distributed=True)
     if mode == "save":
+        torch.save(dict(policy.model.named_buffers()), out / f"buffers-rank{rank}.pt")
+        model = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(model, out / "model.pt")
+        gathered.clear()
         tokens, advantages, logp = batch()
         a, b = row_blocks(len(tokens), world)[rank]
         policy.train_step(tokens.rows(a, b), advantages[a:b], logp[a:b])
@@ -76,7 +93,7 @@ def main(mode: str, model_dir: str, out: str) -> None:
         if rank == 0:
             torch.save(loaded, out / f"loaded-{world}.pt")
     (out / f"{mode}-{world}-rank{rank}.json").write_text(json.dumps(
-        {"gathered": saved_gathers, "read_bytes": read_bytes[0]}))
+        {"gathered": saved_gathers, "read_bytes": read_bytes[0], "model_reads": reads[0]}))
     dist.destroy_process_group()
 
 

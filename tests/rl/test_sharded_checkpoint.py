@@ -1,7 +1,11 @@
-"""Sharded checkpoints (`Policy.save_state` / `load_state`, torch.distributed.checkpoint).
+"""Sharded loads and checkpoints of the FSDP2 policy (`rl.fsdp.load_sharded`,
+`Policy.save_state` / `load_state`, torch.distributed.checkpoint).
 
-Two gloo ranks (FSDP2) take one GRPO step and save; the state is then loaded by 3 ranks, by
-2 ranks and by one process. What must hold:
+Two gloo ranks (FSDP2) build the policy, take one GRPO step and save; the state is then
+loaded by 3 ranks, by 2 ranks and by one process. What must hold:
+- only rank 0 reads the model checkpoint (the other builds on the meta device), and the
+  sharded model it ends up with is the single-process one exactly: every weight, every seeded
+  LoRA factor, and the buffers no state dict holds (rotary `inv_freq`) on both ranks;
 - the save gathers nothing (before, every rank gathered the full optimizer state and rank 0
   the LoRA tensors, and all of it travelled to the driver), and each rank wrote its own file;
 - every load equals the saved state exactly (LoRA tensors, AdamW moments and step counts,
@@ -44,6 +48,21 @@ def saved(tiny_qwen3_moe, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_checkpoint")
     ranks = _ranks("save", 2, tiny_qwen3_moe, out, 29571)
     return out, ranks, torch.load(out / "reference.pt", weights_only=False)
+
+
+def test_only_rank_0_reads_the_model_and_every_rank_holds_the_single_process_model(saved, tiny_qwen3_moe):
+    out, ranks, _ = saved
+    assert [r["model_reads"] for r in ranks] == [1, 0]
+    single = Policy(policy_config(tiny_qwen3_moe), GRPO, MismatchConfig()).model
+    sharded = torch.load(out / "model.pt", weights_only=False)
+    assert sharded.keys() == single.state_dict().keys()
+    for name, tensor in single.state_dict().items():
+        assert torch.equal(sharded[name], tensor), name
+    buffers = dict(single.named_buffers())
+    assert any("inv_freq" in name for name in buffers)
+    for rank in (0, 1):
+        got = torch.load(out / f"buffers-rank{rank}.pt", weights_only=False)
+        assert got.keys() == buffers.keys() and all(torch.equal(got[k], buffers[k]) for k in buffers), rank
 
 
 def _assert_equal(loaded: dict, reference: dict) -> None:
