@@ -93,7 +93,9 @@ def write_report(run_dir: str | Path) -> Path:
     _right_axis(axes[1, 0], rows, "sync/mb", "push MB", "MB")
     _phase_panel(axes[1, 1], rows)
     _plot(axes[1, 2], rows, [("router/topk_agreement", "top-k agreement"),
-                             ("router/topk_exact", "exact top-k")], "routers: quantized vs BF16")
+                             ("router/topk_exact", "exact top-k")], "routers: agreement and expert load")
+    _right_axis(axes[1, 2], rows, "experts/trainer/max_over_mean", "busiest expert / mean (trainer)",
+                "x mean load", 1.0)
     fig.suptitle(f"{run_dir.name}: {len(rows)} steps")
     fig.tight_layout()
     out = run_dir / REPORT_FILE

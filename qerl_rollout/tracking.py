@@ -39,6 +39,10 @@ Metric names (`group/name`, so wandb groups the panels):
     train/seconds                    wall time of logprobs + GRPO update
     sync/seconds, sync/mb            wall time and payload of the weight push
     sync/wire_ratio                  bytes on the wire / bytes of the BF16 weights
+    experts/trainer/load_cv          the trainer's expert load in its training forward (MoE only,
+    experts/trainer/max_over_mean    `rl.routing`): std / mean of the tokens per expert, the
+    experts/trainer/dead             busiest expert over the mean, experts with no token; mean
+                                     over layers (dead: summed), and per layer (`.../layer<i>`)
     router/topk_agreement            mean fraction of the top-k experts the quantized copy
                                      and BF16 select alike (`sync.router_stats`)
     rollout/speedup_vs_bf16          quantized tokens/s over a BF16 engine's on the same batch

@@ -417,7 +417,7 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
         "reward/mean": rewards[rewards.isfinite()].mean().item(),
         "reward/std": rewards[rewards.isfinite()].std().item(),
         **{name: metrics[key] for name, key in _POLICY_METRICS.items() if key in metrics},
-        **{key: value for key, value in metrics.items() if key.startswith("rollout_corr/")},
+        **{key: value for key, value in metrics.items() if key.startswith(("rollout_corr/", "experts/"))},
         "rollout/seconds": rollout_s, "rollout/tokens_per_s": tokens / max(rollout_s, 1e-9),
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
         "train/seconds": train_s, "sync/seconds": report.seconds["total"],

@@ -30,7 +30,8 @@ from qerl_rollout.tracking import read_metrics
 ARGS = ["run.steps=6", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
         "tracking.wandb_mode=offline"]
 COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "rollout_corr/k3_kl",
-            "rollout/response_len", "rollout/version", "sync/version")
+            "rollout/response_len", "rollout/version", "sync/version", "experts/trainer/load_cv",
+            "experts/trainer/max_over_mean", "experts/trainer/dead")
 
 
 def _kill_after_first_checkpoint(out, name, args=ARGS) -> int:

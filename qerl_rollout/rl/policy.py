@@ -26,6 +26,10 @@ token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank ma
 micro-batch fewer than another; it runs zero-weighted filler passes to the common count, since
 each FSDP2 forward and backward is a collective (unequal counts hang).
 
+Expert load (MoE models): `backward` counts the experts each router picks for the real tokens
+of its training forward and returns `experts/trainer/*` (`rl.routing`; sharded, the counts are
+all-reduced, so every rank returns the whole batch's figures).
+
 Checkpoints (`save_state` / `load_state`) are torch.distributed.checkpoint directories of
 the trainable state alone (the frozen base is the model checkpoint's): each rank writes and
 reads its own shards, nothing is gathered, and a state written by N ranks loads into M (one
@@ -46,6 +50,7 @@ import torch
 
 from qerl_rollout.rl.grpo import GRPOConfig, entropy_from_logits, grpo_loss
 from qerl_rollout.rl.mismatch import MismatchConfig, correct_mismatch
+from qerl_rollout.rl.routing import ExpertLoad, load_metrics
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -239,6 +244,7 @@ class Policy:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg)
         self.step = 0
+        self.expert_load = ExpertLoad.attach(self.model)   # None for a dense model
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -331,8 +337,12 @@ class Policy:
         denominators = self._denominators(mask)
         want_entropy = self.grpo.entropy_coef > 0
         logp_new, entropies, loss_total = [], [], 0.0
+        if self.expert_load is not None:
+            self.expert_load.reset()
         for sl in self._micro_slices(len(batch)):
-            logp, entropy = self._forward(_rows_or_filler(batch, sl), want_entropy)
+            rows = _rows_or_filler(batch, sl)
+            with self._counting_routes(rows if sl is not None else None):
+                logp, entropy = self._forward(rows, want_entropy)
             if sl is None:   # a filler pass: zero gradient, but every FSDP2 collective joined
                 (logp.sum() * 0.0).backward()
                 continue
@@ -349,7 +359,21 @@ class Policy:
         metrics.update(self._batch_metrics(logp_new, entropies, logp_old, advantages, mask,
                                            is_weights, logp_ref))
         metrics["loss"] = loss_total
+        if self.expert_load is not None:   # the whole batch's load, the same on every rank
+            if self.distributed:
+                self.expert_load.all_reduce()
+            metrics.update(load_metrics(self.expert_load.counts, self.expert_load.names, "experts/trainer"))
         return metrics
+
+    @contextmanager
+    def _counting_routes(self, rows: TokenBatch | None):
+        """Count the routes of `rows`' real tokens in the forward inside (`rl.routing`); a
+        filler pass (None) or a dense model counts nothing."""
+        if self.expert_load is None or rows is None:
+            yield
+            return
+        with self.expert_load.counting(rows.attention_mask):
+            yield
 
     def _micro_slices(self, rows: int, size: int | None = None) -> list[slice | None]:
         """Row slices of the micro-batches of a `rows`-row batch, in order.
@@ -558,7 +582,7 @@ def _check_saved_tensors(path: str | Path, model_state: dict) -> None:
 # token-weighted means of the per-rank means (exact for token means; the ESS, per-row and other
 # nonlinear statistics become the weighted mean of the ranks' values).
 _SUMMED = ("loss", "response_tokens")
-_SHARED = ("grad_norm", "lr")
+_SHARED = ("grad_norm", "lr")   # and every `experts/` key: all-reduced, the same on every rank
 _MAXED = ("is_weight_max",)
 
 
@@ -573,7 +597,7 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         values = [m[key] for m in per_rank]
         if key in _SUMMED:
             out[key] = sum(values)
-        elif key in _SHARED:
+        elif key in _SHARED or key.startswith("experts/"):
             out[key] = values[0]
         elif key in _MAXED:
             out[key] = max(values)

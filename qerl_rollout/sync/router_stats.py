@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.quant.plan import QuantPlan, build_plan
 from qerl_rollout.sync.merge import merged_named_tensors
 from qerl_rollout.wire.stream import qdq_named_tensors
@@ -54,24 +53,21 @@ def qdq_copy(model: nn.Module, scheme: str, plan: QuantPlan | None = None) -> nn
     return copy.eval()
 
 
-def _router_modules(model: nn.Module, plan: QuantPlan) -> dict[str, nn.Module]:
-    router_weights = {n for n, d in plan.decisions.items() if d.category == "router"}
-    modules = {}
-    for name, module in model.named_modules():
-        plain = name.removeprefix("base_model.model.")
-        if f"{plain}.weight" in router_weights:
-            modules[plain] = module
+def _router_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from qerl_rollout.rl.routing import router_modules
+
+    modules = router_modules(model)
     if not modules:
         raise ValueError("the plan names no router modules: is this a MoE model?")
     return modules
 
 
 @torch.no_grad()
-def selected_experts(model: nn.Module, plan: QuantPlan, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def selected_experts(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Router module name -> (tokens, k) expert indices chosen on `input_ids`."""
     chosen: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, module in _router_modules(model, plan).items():
+    for name, module in _router_modules(model).items():
         def record(_m, _inp, out, name=name):
             indices = out[-1] if isinstance(out, tuple) else out
             if indices.dtype not in (torch.int64, torch.int32):
@@ -93,11 +89,9 @@ def topk_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return overlap.float() / k, overlap == k
 
 
-def router_topk_agreement(policy: nn.Module, rollout: nn.Module, input_ids: torch.Tensor,
-                          plan: QuantPlan | None = None) -> RouterAgreement:
-    plan = plan or build_plan(_plain_config(policy), DEFAULT_SCHEME)
-    a = selected_experts(policy, plan, input_ids)
-    b = selected_experts(rollout, plan, input_ids)
+def router_topk_agreement(policy: nn.Module, rollout: nn.Module, input_ids: torch.Tensor) -> RouterAgreement:
+    a = selected_experts(policy, input_ids)
+    b = selected_experts(rollout, input_ids)
     per_layer, fractions, exact = {}, [], []
     for name in a:
         frac, same = topk_agreement(a[name], b[name])

@@ -75,6 +75,9 @@ def test_uneven_row_blocks_take_the_single_process_step(uneven_run, tiny_qwen3_m
     assert sharded["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
     assert sharded["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert sharded["metrics"]["response_tokens"] == metrics["response_tokens"]
+    # The expert load: each rank counts its rows, the counts are all-reduced (`rl.routing`).
+    experts = {k: v for k, v in metrics.items() if k.startswith("experts/")}
+    assert experts and {k: sharded["metrics"][k] for k in experts} == experts
     for name, g in grads.items():   # measured: <= 2.6e-7 of the largest entry
         assert (sharded["grads"][name] - g).abs().max() <= DELTA * g.abs().max(), name
     assert_same_adamw_step(grads, lora, sharded["lora"])
