@@ -372,7 +372,7 @@ class Policy:
         if self.expert_load is None or rows is None:
             yield
             return
-        with self.expert_load.counting(rows.attention_mask):
+        with self.expert_load.counting(rows.attention_mask.to(self.device)):   # moved once, not per router
             yield
 
     def _micro_slices(self, rows: int, size: int | None = None) -> list[slice | None]:
