@@ -11,6 +11,8 @@ may flip the sign of their update); those entries must be almost all of them (> 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from qerl_rollout.rl.grpo import GRPOConfig
@@ -43,10 +45,30 @@ def batch(rows: int = 16, order: list[int] | None = None) -> tuple[TokenBatch, t
     return tokens, advantages[order], logp_rollout[order]
 
 
-def single_step(model_dir, rows: int = 16, micro_batch_size: int = 64, order: list[int] | None = None):
-    """(metrics, gradients, LoRA after the step) of one unsharded step on `batch(rows, order)`."""
+def rule_routes(tokens: TokenBatch, layers: int, k: int, experts: int) -> TokenBatch:
+    """`tokens` with rollout routes that follow a rule of the token ids alone (so every rank
+    derives its rows' share): expert (3 x + layer + j) mod E for j < k, -1 on padding."""
+    j = torch.arange(k).view(1, 1, 1, k)
+    layer = torch.arange(layers).view(1, 1, layers, 1)
+    routes = (3 * tokens.input_ids.view(*tokens.input_ids.shape, 1, 1) + layer + j) % experts
+    routes[tokens.attention_mask == 0] = -1
+    return replace(tokens, routes=routes.to(torch.int16))
+
+
+def policy_routes(policy: Policy, tokens: TokenBatch) -> TokenBatch:
+    hooks = policy.routing
+    return rule_routes(tokens, len(hooks.names), hooks.top_k, hooks.num_experts)
+
+
+def single_step(model_dir, rows: int = 16, micro_batch_size: int = 64, order: list[int] | None = None,
+                replay: str = "none"):
+    """(metrics, gradients, LoRA after the step) of one unsharded step on `batch(rows, order)`;
+    `replay="r3"` replays `rule_routes`."""
     tokens, advantages, logp_rollout = batch(rows, order)
-    policy = Policy(policy_config(model_dir, micro_batch_size), GRPO, MismatchConfig())
+    policy = Policy(replace(policy_config(model_dir, micro_batch_size), routing_replay=replay), GRPO,
+                    MismatchConfig())
+    if replay != "none":
+        tokens = policy_routes(policy, tokens)
     metrics = policy.backward(tokens, advantages, logp_rollout)
     grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     metrics.update(policy.optimizer_step())

@@ -26,9 +26,12 @@ token-mean, not a mean of per-rank means. Row blocks differ by one, so a rank ma
 micro-batch fewer than another; it runs zero-weighted filler passes to the common count, since
 each FSDP2 forward and backward is a collective (unequal counts hang).
 
-Expert load (MoE models): `backward` counts the experts each router picks for the real tokens
-of its training forward and returns `experts/trainer/*` (`rl.routing`; sharded, the counts are
-all-reduced, so every rank returns the whole batch's figures).
+Routing (MoE models, `rl.routing`): `backward` counts the experts each router picks for the
+real tokens of its training forward (`experts/trainer/*`) and, when the batch carries the
+rollout's routes (`TokenBatch.routes`), compares them with its own (`router/topk_agreement`,
+`router/flip_rate`, `experts/rollout/*`); sharded, the counts are all-reduced, so every rank
+returns the whole batch's figures. With `routing_replay="r3"` every forward of the step routes
+by the rollout's experts (R3), the weights recomputed from the trainer's own router logits.
 
 Checkpoints (`save_state` / `load_state`) are torch.distributed.checkpoint directories of
 the trainable state alone (the frozen base is the model checkpoint's): each rank writes and
@@ -50,9 +53,10 @@ import torch
 
 from qerl_rollout.rl.grpo import GRPOConfig, entropy_from_logits, grpo_loss
 from qerl_rollout.rl.mismatch import MismatchConfig, correct_mismatch
-from qerl_rollout.rl.routing import ExpertLoad, load_metrics
+from qerl_rollout.rl.routing import RouterHooks
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROUTING_REPLAY = ("none", "r3")
 
 
 @dataclass
@@ -80,6 +84,14 @@ class PolicyConfig:
     # trainer's log-probs and the engine's (vLLM processed_logprobs) describe the same
     # distribution and the TIS ratio is unbiased. Sample with top_p=1: the trainer has no top-p.
     temperature: float = 1.0
+    # "r3": every forward of a step (logp_old, the KL reference, the training forward and its
+    # checkpointed recompute) routes each token to the experts the rollout chose for it
+    # (`TokenBatch.routes`), with weights from the trainer's router logits (`rl.routing`).
+    routing_replay: str = "none"
+
+    def __post_init__(self):
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise ValueError(f"unknown routing_replay {self.routing_replay!r}; choose from {ROUTING_REPLAY}")
 
 
 @dataclass
@@ -88,6 +100,8 @@ class TokenBatch:
 
     input_ids, attention_mask, position_ids: (B, L); response_mask: (B, R) float, 1 on real
     response tokens. `prompt_len` is P; response token r of row b is input_ids[b, P + r].
+    routes: None, or the rollout's experts per token, (B, L, moe_layers, k) int16 aligned with
+    input_ids, -1 where a token has none (padding); see `rl.routing`.
     """
 
     input_ids: torch.Tensor
@@ -95,12 +109,15 @@ class TokenBatch:
     position_ids: torch.Tensor
     response_mask: torch.Tensor
     prompt_len: int
+    routes: torch.Tensor | None = None
 
     @classmethod
     def from_token_lists(
-        cls, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+        cls, prompts: list[list[int]], responses: list[list[int]], pad_id: int, routes=None
     ) -> TokenBatch:
-        """Left-pad prompts, right-pad responses, and build masks and position ids."""
+        """Left-pad prompts, right-pad responses, and build masks and position ids. `routes`:
+        per row, a (tokens, moe_layers, k) array of the experts of the row's first tokens
+        (prompt, then response; at most len(prompt) + len(response) of them)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if any(len(p) == 0 for p in prompts):
@@ -120,14 +137,18 @@ class TokenBatch:
             position_ids=position_ids,
             response_mask=torch.tensor(resp_mask, dtype=torch.float32),
             prompt_len=P,
+            routes=None if routes is None else _route_columns(routes, prompts, responses, P, P + R),
         )
 
     @classmethod
     def from_samples(cls, samples, pad_id: int) -> tuple[TokenBatch, torch.Tensor]:
-        """Rollout samples (`.prompt_token_ids`, `.token_ids`, `.logprobs`) -> (batch, (B, R)
-        rollout logprobs right-padded with 0, in the batch's response layout)."""
+        """Rollout samples (`.prompt_token_ids`, `.token_ids`, `.logprobs`, `.routes`) ->
+        (batch, (B, R) rollout logprobs right-padded with 0, in the batch's response layout).
+        The batch carries the samples' routes when every sample has them."""
+        routes = [s.routes for s in samples]
         batch = cls.from_token_lists([s.prompt_token_ids for s in samples],
-                                     [s.token_ids for s in samples], pad_id)
+                                     [s.token_ids for s in samples], pad_id,
+                                     routes=routes if all(r is not None for r in routes) else None)
         logp = torch.zeros(batch.response_mask.shape)
         for i, s in enumerate(samples):
             logp[i, : len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
@@ -149,6 +170,7 @@ class TokenBatch:
             self.position_ids[start:stop],
             self.response_mask[start:stop],
             self.prompt_len,
+            None if self.routes is None else self.routes[start:stop],
         )
 
     def to(self, device) -> TokenBatch:
@@ -158,7 +180,23 @@ class TokenBatch:
             self.position_ids.to(device),
             self.response_mask.to(device),
             self.prompt_len,
+            None if self.routes is None else self.routes.to(device),
         )
+
+
+def _route_columns(routes, prompts, responses, P: int, width: int) -> torch.Tensor:
+    """(B, width, layers, k) int16: row b's routes from its first token's column (P - its
+    prompt length) on, -1 elsewhere."""
+    shapes = {tuple(r.shape[1:]) for r in routes}
+    if len(shapes) != 1:
+        raise ValueError(f"the rows' routes differ in (layers, k): {sorted(shapes)}")
+    out = torch.full((len(routes), width, *shapes.pop()), -1, dtype=torch.int16)
+    for b, (r, p, resp) in enumerate(zip(routes, prompts, responses)):
+        if len(r) > len(p) + len(resp):
+            raise ValueError(f"row {b} has routes for {len(r)} tokens but {len(p) + len(resp)} tokens")
+        start = P - len(p)
+        out[b, start: start + len(r)] = torch.as_tensor(r, dtype=torch.int16)
+    return out
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -244,7 +282,12 @@ class Policy:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.trainable, cfg)
         self.step = 0
-        self.expert_load = ExpertLoad.attach(self.model)   # None for a dense model
+        self.routing = RouterHooks.attach(self.model)   # None for a dense model
+        self.replay = cfg.routing_replay == "r3"
+        if self.replay:
+            if self.routing is None:
+                raise ValueError("routing_replay=r3 needs a MoE model: this one has no routers")
+            self.routing.check_replayable()
 
     # --- scoring -------------------------------------------------------------------------
 
@@ -275,8 +318,11 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            parts = [self._forward(_rows_or_filler(batch, sl))[0]
-                     for sl in self._micro_slices(len(batch), micro_batch_size)]
+            parts = []
+            for sl in self._micro_slices(len(batch), micro_batch_size):
+                rows = _rows_or_filler(batch, sl).to(self.device)
+                with self._replaying(rows):
+                    parts.append(self._forward(rows)[0])
         finally:
             self.model.train(was_training)
         return torch.cat(parts)[:len(batch)]
@@ -322,6 +368,8 @@ class Policy:
         the micro-batch size beyond BF16 round-off (a one-row micro-batch takes another CPU
         GEMM kernel: measured 7e-4 relative on the tiny Qwen3-MoE, micro-batch 1 vs 64).
         """
+        if self.replay and batch.routes is None:
+            raise ValueError("routing_replay=r3: the batch carries no rollout routes (TokenBatch.routes)")
         self.model.train()
         mask = batch.response_mask.to(self.device)
         advantages = advantages.to(self.device).float()
@@ -337,42 +385,53 @@ class Policy:
         denominators = self._denominators(mask)
         want_entropy = self.grpo.entropy_coef > 0
         logp_new, entropies, loss_total = [], [], 0.0
-        if self.expert_load is not None:
-            self.expert_load.reset()
+        if self.routing is not None:
+            self.routing.reset()
         for sl in self._micro_slices(len(batch)):
-            rows = _rows_or_filler(batch, sl)
-            with self._counting_routes(rows if sl is not None else None):
-                logp, entropy = self._forward(rows, want_entropy)
-            if sl is None:   # a filler pass: zero gradient, but every FSDP2 collective joined
-                (logp.sum() * 0.0).backward()
-                continue
-            loss, _ = grpo_loss(
-                logp, logp_old[sl], advantages[sl], mask[sl], self.grpo,
-                is_weights=None if is_weights is None else is_weights[sl],
-                logp_ref=None if logp_ref is None else logp_ref[sl],
-                entropy=entropy, **denominators,
-            )
-            loss.backward()
+            rows = _rows_or_filler(batch, sl).to(self.device)
+            with self._replaying(rows):          # through the backward: a recompute routes alike
+                with self._counting_routes(rows if sl is not None else None):
+                    logp, entropy = self._forward(rows, want_entropy)
+                if sl is None:   # a filler pass: zero gradient, but every FSDP2 collective joined
+                    (logp.sum() * 0.0).backward()
+                    continue
+                loss, _ = grpo_loss(
+                    logp, logp_old[sl], advantages[sl], mask[sl], self.grpo,
+                    is_weights=None if is_weights is None else is_weights[sl],
+                    logp_ref=None if logp_ref is None else logp_ref[sl],
+                    entropy=entropy, **denominators,
+                )
+                loss.backward()
             loss_total += loss.item()
             logp_new.append(logp.detach())
             entropies.append(entropy if entropy is None else entropy.detach())
         metrics.update(self._batch_metrics(logp_new, entropies, logp_old, advantages, mask,
                                            is_weights, logp_ref))
         metrics["loss"] = loss_total
-        if self.expert_load is not None:   # the whole batch's load, the same on every rank
+        if self.routing is not None:   # the whole batch's figures, the same on every rank
             if self.distributed:
-                self.expert_load.all_reduce()
-            metrics.update(load_metrics(self.expert_load.counts, self.expert_load.names, "experts/trainer"))
+                self.routing.all_reduce()
+            metrics.update(self.routing.metrics())
         return metrics
 
     @contextmanager
     def _counting_routes(self, rows: TokenBatch | None):
-        """Count the routes of `rows`' real tokens in the forward inside (`rl.routing`); a
-        filler pass (None) or a dense model counts nothing."""
-        if self.expert_load is None or rows is None:
+        """Count the routes of `rows`' real tokens in the forward inside, and compare them with
+        the rollout's where the rows carry routes (`rl.routing`); a filler pass (None) or a
+        dense model counts nothing. `rows` are on the model's device: moved once, not per router."""
+        if self.routing is None or rows is None:
             yield
             return
-        with self.expert_load.counting(rows.attention_mask.to(self.device)):   # moved once, not per router
+        with self.routing.counting(rows.attention_mask, rows.routes):
+            yield
+
+    @contextmanager
+    def _replaying(self, rows: TokenBatch):
+        """Under routing_replay=r3, route the forwards (and recomputes) inside by `rows.routes`."""
+        if not self.replay or rows.routes is None:
+            yield
+            return
+        with self.routing.replaying(rows.routes):
             yield
 
     def _micro_slices(self, rows: int, size: int | None = None) -> list[slice | None]:
@@ -582,7 +641,7 @@ def _check_saved_tensors(path: str | Path, model_state: dict) -> None:
 # token-weighted means of the per-rank means (exact for token means; the ESS, per-row and other
 # nonlinear statistics become the weighted mean of the ranks' values).
 _SUMMED = ("loss", "response_tokens")
-_SHARED = ("grad_norm", "lr")   # and every `experts/` key: all-reduced, the same on every rank
+_SHARED = ("grad_norm", "lr")   # and every `experts/` and `router/` key: all-reduced, the same on every rank
 _MAXED = ("is_weight_max",)
 
 
@@ -597,7 +656,7 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         values = [m[key] for m in per_rank]
         if key in _SUMMED:
             out[key] = sum(values)
-        elif key in _SHARED or key.startswith("experts/"):
+        elif key in _SHARED or key.startswith(("experts/", "router/")):
             out[key] = values[0]
         elif key in _MAXED:
             out[key] = max(values)

@@ -47,6 +47,9 @@ class Sample:
     logprobs:  per generated token, the log-probability of the sampled token under the
                engine's weights and sampling distribution (after temperature / top-p).
     version:   the weight version that produced it.
+    routes:    None, or the experts the engine routed each token to: a (tokens, moe_layers, k)
+               int16 numpy array over the prompt then the response tokens, MoE layers in
+               model order (`generate(routes=True)`; `rl.routing` replays or compares them).
     """
 
     prompt_index: int
@@ -55,6 +58,7 @@ class Sample:
     version: int
     finish_reason: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
+    routes: object = field(default=None, repr=False, compare=False)
 
 
 class EngineStateError(RuntimeError):

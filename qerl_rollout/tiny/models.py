@@ -111,6 +111,18 @@ def _deepseek_v3() -> dict:
     )
 
 
+def _olmoe() -> dict:
+    # OLMoE: q/k norms over the whole projection, softmax router without renormalization.
+    return dict(
+        model_type="olmoe",
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+    )
+
+
 def _qwen3_dense() -> dict:
     return dict(model_type="qwen3", num_hidden_layers=2, intermediate_size=512)
 
@@ -120,6 +132,7 @@ FAMILIES = {
     "qwen2_moe": _qwen2_moe,
     "mixtral": _mixtral,
     "deepseek_v3": _deepseek_v3,
+    "olmoe": _olmoe,
     "qwen3": _qwen3_dense,
 }
 

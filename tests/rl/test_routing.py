@@ -20,9 +20,9 @@ from one_step import GRPO, batch, policy_config
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import Policy
-from qerl_rollout.rl.routing import ExpertLoad, _layer_label, load_metrics, router_modules
+from qerl_rollout.rl.routing import RouterHooks, _layer_label, load_metrics, router_modules
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
 
 
 def test_load_metrics_by_hand():
@@ -51,7 +51,7 @@ def _routes_by_hand(policy: Policy, tokens) -> torch.Tensor:
         for h in hooks:
             h.remove()
     real = tokens.attention_mask.reshape(-1).bool()
-    experts = policy.expert_load.counts.shape[1]
+    experts = policy.routing.counts.shape[1]
     return torch.stack([torch.bincount(seen[n].reshape(-1, seen[n].shape[-1])[real].flatten(), minlength=experts)
                         for n in routers])
 
@@ -62,14 +62,14 @@ def test_a_step_counts_each_real_token_once_per_layer(tiny_model, family):
     policy = Policy(policy_config(tiny_model(family), micro_batch_size=5),
                     GRPOConfig(group_size=4, horizon=8, kl_coef=0.1), MismatchConfig())
     metrics = policy.backward(tokens, advantages, logp_rollout)   # + logp_old and KL reference passes
-    counts = policy.expert_load.counts
+    counts = policy.routing.counts
     k = policy.model.get_base_model().config.get_text_config().num_experts_per_tok
     real = int(tokens.attention_mask.sum())
     assert real < tokens.attention_mask.numel()                    # the batch has padding
     assert counts.sum(dim=1).tolist() == [k * real] * len(counts)  # once per layer, padding never
     assert torch.equal(counts, _routes_by_hand(policy, tokens))   # the experts the routers chose
     assert metrics["experts/trainer/dead"] == float((counts == 0).sum())
-    per_layer = [metrics[f"experts/trainer/dead/{_layer_label(n)}"] for n in policy.expert_load.names]
+    per_layer = [metrics[f"experts/trainer/dead/{_layer_label(n)}"] for n in policy.routing.names]
     assert per_layer == (counts == 0).sum(dim=1).tolist()
 
 
@@ -82,7 +82,7 @@ def test_checkpointing_recomputes_without_counting_again(tiny_qwen3_moe):
         cfg = replace(policy_config(tiny_qwen3_moe, micro_batch_size=5), gradient_checkpointing=checkpointing)
         policy = Policy(cfg, GRPO, MismatchConfig())
         policy.backward(tokens, advantages, logp_rollout)
-        counts.append(policy.expert_load.counts.clone())
+        counts.append(policy.routing.counts.clone())
     assert torch.equal(counts[0], counts[1])
 
 
@@ -91,6 +91,6 @@ def test_a_dense_model_has_no_expert_load(tmp_path):
 
     dense = build_tiny_model("qwen3_moe", tmp_path / "dense", mlp_only_layers=[0, 1])
     policy = Policy(policy_config(dense), GRPO, MismatchConfig())
-    assert policy.expert_load is None and ExpertLoad.attach(policy.model) is None
+    assert policy.routing is None and RouterHooks.attach(policy.model) is None
     tokens, advantages, logp_rollout = batch(4)
     assert not any(k.startswith("experts/") for k in policy.backward(tokens, advantages, logp_rollout))

@@ -5,7 +5,9 @@ than the others (15 vs 14, 8 vs 7, 3 vs 2). Every FSDP2 forward and backward is 
 so before the ranks padded to a common count with filler passes this run hung (measured: no
 step in 7 minutes with 64 rows at micro-batch 7). Each step must equal the single-process step
 at the same micro-batch size within the AdamW bound of `one_step` (the ranks only re-order the
-fp32 gradient sums); the timeout turns a hang into a failure.
+fp32 gradient sums); the timeout turns a hang into a failure. Both replay the same rollout
+routes (R3, `one_step.rule_routes`), so the sharded routing replay, its agreement and the
+rollout's expert load are checked too.
 
 The single-process step runs the same micro-batches. A micro-batch of one row takes another
 BF16 kernel than a batched one (measured here: the same 43 rows at micro-batch 1 and 64 give
@@ -71,13 +73,15 @@ def test_the_blocks_are_uneven_at_every_size():
 @pytest.mark.parametrize("size", SIZES)
 def test_uneven_row_blocks_take_the_single_process_step(uneven_run, tiny_qwen3_moe, size):
     sharded = torch.load(uneven_run / f"mb{size}.pt")
-    metrics, grads, lora = single_step(tiny_qwen3_moe, ROWS, size, _rank_micro_batch_order(ROWS, 3, size))
+    metrics, grads, lora = single_step(tiny_qwen3_moe, ROWS, size, _rank_micro_batch_order(ROWS, 3, size), "r3")
     assert sharded["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
     assert sharded["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert sharded["metrics"]["response_tokens"] == metrics["response_tokens"]
-    # The expert load: each rank counts its rows, the counts are all-reduced (`rl.routing`).
-    experts = {k: v for k, v in metrics.items() if k.startswith("experts/")}
-    assert experts and {k: sharded["metrics"][k] for k in experts} == experts
+    # The expert load and the agreement with the replayed routes: each rank counts its rows,
+    # the counts are all-reduced (`rl.routing`).
+    routing = {k: v for k, v in metrics.items() if k.startswith(("experts/", "router/"))}
+    assert "experts/rollout/load_cv" in routing and "router/flip_rate" in routing
+    assert {k: sharded["metrics"][k] for k in routing} == routing
     for name, g in grads.items():   # measured: <= 2.6e-7 of the largest entry
         assert (sharded["grads"][name] - g).abs().max() <= DELTA * g.abs().max(), name
     assert_same_adamw_step(grads, lora, sharded["lora"])
