@@ -17,7 +17,7 @@ from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
-from qerl_rollout.rl.policy import PolicyConfig
+from qerl_rollout.rl.policy import ROUTING_REPLAY, PolicyConfig
 from qerl_rollout.rollout.types import QUANT_MODES, QUANT_SCHEMES, QuantConfig  # noqa: F401 (re-exported)
 from qerl_rollout.sync.verify import VERIFY_TOL
 from qerl_rollout.tracking import TrackingConfig
@@ -68,9 +68,14 @@ class RolloutConfig:
     # same seed: rollout/speedup_vs_bf16 and quant/kl_vs_bf16 (qerl_rollout.rollout.baseline).
     # 0: off (a second engine must fit beside the first).
     baseline_every: int = 0
+    # "r3": the engines return the experts each token was routed to and every trainer forward
+    # of the step replays them (rollout routing replay, `rl.routing`). MoE models only.
+    routing_replay: str = "none"
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
+        if self.routing_replay not in ROUTING_REPLAY:
+            raise ValueError(f"rollout.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature} "
                              "(the trainer divides its logits by it)")
@@ -174,9 +179,10 @@ class RunConfig:
     save_every: int = 0            # checkpoint (qerl_rollout.checkpoint) every N steps; always at the end
     keep_checkpoints: int = 2      # the newest K checkpoints are kept
     resume: bool = False           # continue tracking.run_name's run from its newest checkpoint
-    # Every N steps, compare the experts the BF16 policy and its quantized copy route the first
-    # sample's tokens to (router/topk_agreement). Builds a second model: small models only.
-    router_stats_every: int = 0
+    # Every N steps (MoE models), the engines return the experts they routed each sampled token
+    # to, and the trainer's training forward compares its own: router/topk_agreement,
+    # router/flip_rate and experts/rollout/* (`rl.routing`). 0: off. Every step under r3.
+    router_stats_every: int = 1
 
     def __post_init__(self):
         if self.steps < 1:
@@ -184,6 +190,8 @@ class RunConfig:
         if self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"run.save_every must be >= 0 and run.keep_checkpoints >= 1, got "
                              f"{self.save_every} and {self.keep_checkpoints}")
+        if self.router_stats_every < 0:
+            raise ValueError(f"run.router_stats_every must be >= 0 (0: off), got {self.router_stats_every}")
 
 
 @dataclass
@@ -237,9 +245,6 @@ class TrainConfig:
             raise ValueError("placement.mode=local runs one trainer and one engine in this process; "
                              "use placement.mode=split or colocated for trainer.num_workers, "
                              "rollout.num_engines or rollout.tensor_parallel_size > 1")
-        if p.mode != "local" and self.run.router_stats_every:
-            raise ValueError(f"run.router_stats_every needs the trainer's model in this process "
-                             f"(placement.mode=local); set run.router_stats_every=0 for {p.mode}")
         rows = r.prompts_per_step * r.group_size
         if rows < self.trainer.num_workers:
             raise ValueError(f"{rows} samples per step cannot give each of trainer.num_workers="
@@ -250,12 +255,13 @@ class TrainConfig:
 
     # PolicyConfig fields the run sets from other sections: one source each.
     _POLICY_SOURCES = {"model_path": "model.path", "total_steps": "run.steps", "seed": "run.seed",
-                       "temperature": "rollout.temperature"}
+                       "temperature": "rollout.temperature", "routing_replay": "rollout.routing_replay"}
 
     def _check_policy_fields(self) -> None:
         """A policy field the run derives may be left alone, or set to the same value."""
         derived = {"model_path": self.model.path, "total_steps": self.run.steps,
-                   "seed": self.run.seed, "temperature": self.rollout.temperature}
+                   "seed": self.run.seed, "temperature": self.rollout.temperature,
+                   "routing_replay": self.rollout.routing_replay}
         default = PolicyConfig()
         for field_name, source in self._POLICY_SOURCES.items():
             given = getattr(self.policy, field_name)

@@ -92,8 +92,8 @@ def write_report(run_dir: str | Path) -> Path:
     _plot(axes[1, 0], rows, [("sync/seconds", "push seconds")], "weight sync", "s")
     _right_axis(axes[1, 0], rows, "sync/mb", "push MB", "MB")
     _phase_panel(axes[1, 1], rows)
-    _plot(axes[1, 2], rows, [("router/topk_agreement", "top-k agreement"),
-                             ("router/topk_exact", "exact top-k")], "routers: agreement and expert load")
+    _plot(axes[1, 2], rows, [("router/topk_agreement", "top-k agreement, trainer vs rollout"),
+                             ("router/flip_rate", "tokens routed otherwise")], "routers: agreement and expert load")
     _right_axis(axes[1, 2], rows, "experts/trainer/max_over_mean", "busiest expert / mean (trainer)",
                 "x mean load", 1.0)
     fig.suptitle(f"{run_dir.name}: {len(rows)} steps")

@@ -43,8 +43,13 @@ Metric names (`group/name`, so wandb groups the panels):
     experts/trainer/max_over_mean    `rl.routing`): std / mean of the tokens per expert, the
     experts/trainer/dead             busiest expert over the mean, experts with no token; mean
                                      over layers (dead: summed), and per layer (`.../layer<i>`)
-    router/topk_agreement            mean fraction of the top-k experts the quantized copy
-                                     and BF16 select alike (`sync.router_stats`)
+    experts/rollout/*                the same of the rollout's routes for the same tokens
+    router/topk_agreement            mean fraction of the k experts the trainer's routers and
+                                     the rollout engine's chose alike for the step's tokens
+    router/flip_rate                 fraction of (token, layer) whose k experts differ; both
+                                     overall and per layer, every run.router_stats_every steps
+                                     (`rl.routing`; the routes' source is the summary's
+                                     routing/source: "prefill" on CPU engines, "decode" on GPUs)
     rollout/speedup_vs_bf16          quantized tokens/s over a BF16 engine's on the same batch
     quant/kl_vs_bf16                 KL(pi_quant || pi_bf16) on the quantized samples; both
                                      every rollout.baseline_every steps (`rollout.baseline`)

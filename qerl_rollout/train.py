@@ -54,12 +54,13 @@ def run(cfg) -> dict:
         (run_dir / "plan.json").write_text(json.dumps(memory.to_json(), indent=1))
     config = config_dict(cfg)
     model_dir = _model_dir(cfg, run_dir)
+    routed = _routed(cfg, model_dir)
     tokenizer, sampler, reward_fn, eval_data = _task(cfg, model_dir)
     stop = [tokenizer.eos_token_id]
     resumed, resumed_dir = _resume(cfg, run_dir, config, sampler)   # refused here, before anything starts
     done, version = (resumed.step, resumed.engine_version) if resumed else (0, 0)
     with ExitStack() as resources:
-        placement = resources.enter_context(closing(_place(cfg, model_dir, run_dir)))
+        placement = resources.enter_context(closing(_place(cfg, model_dir, run_dir, routed)))
         trainer, rollout = placement.trainer, placement.rollout
         baseline = _baseline(cfg, placement)
         if resumed:
@@ -70,6 +71,8 @@ def run(cfg) -> dict:
         tracker = resources.enter_context(Tracker(
             cfg.tracking, run_dir, config, resume_step=done if cfg.run.resume else None,
             wandb_id=resumed.wandb_id if resumed else None))
+        if routed:
+            tracker.summary({"routing/source": _routes_source(placement)})
         if resumed:   # the restored policy, as the killed run's engine served it, before any rollout
             trainer.push(noise=norm_noise(cfg.aqn, cfg.run.steps, done), version=version)
         check = _push_check(cfg, placement)
@@ -84,7 +87,7 @@ def run(cfg) -> dict:
                 sampling = dict(n=cfg.rollout.group_size, max_tokens=cfg.rollout.max_tokens,
                                 stop_token_ids=stop, temperature=cfg.rollout.temperature,
                                 seed=_step_seed(cfg, step))
-                samples = rollout.generate(prompt_ids, **sampling)
+                samples = rollout.generate(prompt_ids, routes=routed and _routes_due(cfg, step), **sampling)
                 t1 = time.perf_counter()
                 measured = {}
                 if baseline and _measures(cfg, step):
@@ -114,8 +117,6 @@ def run(cfg) -> dict:
                         serve=lambda: placement.phase("rollout")))
                 logged.update(measured)
                 logged.update(reward_stats)
-                if _router_stats_due(cfg, step):
-                    logged.update(_router_metrics(cfg, trainer.policy, samples[0]))
                 if evaluating:
                     placement.phase("rollout")
                     logged.update(_eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop))
@@ -291,7 +292,7 @@ def _task(cfg, model_dir: Path):
 def _policy_config(cfg, model_dir: Path):
     r = cfg.rollout
     return replace(cfg.policy, model_path=str(model_dir), total_steps=cfg.run.steps,
-                   seed=cfg.run.seed, temperature=r.temperature,
+                   seed=cfg.run.seed, temperature=r.temperature, routing_replay=r.routing_replay,
                    target_modules=tuple(cfg.policy.target_modules),
                    target_parameters=tuple(cfg.policy.target_parameters),
                    betas=tuple(cfg.policy.betas))
@@ -305,11 +306,12 @@ def _baseline(cfg, placement):
     return BF16Baseline(placement.baseline, push=lambda: placement.trainer.push("baseline"))
 
 
-def _place(cfg, model_dir: Path, run_dir: Path):
+def _place(cfg, model_dir: Path, run_dir: Path, routed: bool):
     """The trainer and the engines, in this process or on Ray (`placement.mode`)."""
     r = cfg.rollout
     grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or r.max_tokens)
-    engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len}
+    engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len,
+              "return_routes": routed and (r.routing_replay == "r3" or cfg.run.router_stats_every > 0)}
     if cfg.placement.mode == "local":
         from qerl_rollout.layout import LayoutError
         from qerl_rollout.placement.local import LocalPlacement
@@ -397,10 +399,33 @@ def _push_check(cfg, placement):
                      mode=placement.rollout.receiver.mode, platform=platform_line(short=True))
 
 
-def _router_stats_due(cfg, step: int) -> bool:
-    """Router agreement compares BF16 with the quantized copy: nothing to compare under bf16."""
+def _routes_due(cfg, step: int) -> bool:
+    """Whether this step's samples carry the engine's routes: every step under R3, else every
+    `run.router_stats_every` steps (the trainer then logs router/* and experts/rollout/*)."""
     every = cfg.run.router_stats_every
-    return bool(every) and step % every == 0 and cfg.rollout.scheme != "bf16"
+    return cfg.rollout.routing_replay == "r3" or (bool(every) and step % every == 0)
+
+
+def _routes_source(placement) -> str:
+    """What the engines' routes are (`rollout.routes.SOURCE`): decode routes from vLLM's own
+    capture on GPUs, those of a scoring prefill on CPUs."""
+    from qerl_rollout.rollout.routes import SOURCE
+
+    layout = getattr(placement, "layout", None)      # Ray placements; a local one is this process
+    return SOURCE["gpu" if (layout.use_gpus if layout is not None else _has_cuda()) else "cpu"]
+
+
+def _routed(cfg, model_dir: Path) -> bool:
+    """Whether the model has routers to compare or replay; R3 on a dense model is refused."""
+    from qerl_rollout.quant import DEFAULT_SCHEME
+    from qerl_rollout.quant.plan import build_plan_from_checkpoint
+
+    plan = build_plan_from_checkpoint(model_dir, DEFAULT_SCHEME)
+    moe = any(d.category == "router" for d in plan.decisions.values())
+    if not moe and cfg.rollout.routing_replay != "none":
+        raise ValueError(f"rollout.routing_replay={cfg.rollout.routing_replay} needs a MoE model; "
+                         f"{model_dir} has no routers")
+    return moe
 
 
 # Policy metrics -> logged names, besides verl's `rollout_corr/*` (logged as they come); the
@@ -417,7 +442,7 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
         "reward/mean": rewards[rewards.isfinite()].mean().item(),
         "reward/std": rewards[rewards.isfinite()].std().item(),
         **{name: metrics[key] for name, key in _POLICY_METRICS.items() if key in metrics},
-        **{key: value for key, value in metrics.items() if key.startswith(("rollout_corr/", "experts/"))},
+        **{key: value for key, value in metrics.items() if key.startswith(("rollout_corr/", "experts/", "router/"))},
         "rollout/seconds": rollout_s, "rollout/tokens_per_s": tokens / max(rollout_s, 1e-9),
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
         "train/seconds": train_s, "sync/seconds": report.seconds["total"],
@@ -443,19 +468,6 @@ def _eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop)
         out["eval/reward_bf16"] = bf16["reward"]
         out["eval/reward_gap"] = bf16["reward"] - out["eval/reward"]
     return out
-
-
-def _router_metrics(cfg, policy, sample) -> dict:
-    """Top-k expert agreement, BF16 policy vs the engine's quantized numbers, on one sample."""
-    import torch
-
-    from qerl_rollout.sync.router_stats import qdq_copy, router_topk_agreement
-
-    ids = torch.tensor([sample.prompt_token_ids + sample.token_ids], device=policy.device)
-    rollout_copy = qdq_copy(policy.model, cfg.rollout.scheme).to(policy.device)
-    with torch.no_grad():
-        agreement = router_topk_agreement(policy.model, rollout_copy, ids)
-    return {"router/topk_agreement": agreement.mean, "router/topk_exact": agreement.exact}
 
 
 def _print_step(step: int, steps: int, m: dict) -> None:

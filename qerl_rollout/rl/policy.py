@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qerl_rollout.rl.grpo import GRPOConfig, entropy_from_logits, grpo_loss
@@ -195,7 +196,7 @@ def _route_columns(routes, prompts, responses, P: int, width: int) -> torch.Tens
         if len(r) > len(p) + len(resp):
             raise ValueError(f"row {b} has routes for {len(r)} tokens but {len(p) + len(resp)} tokens")
         start = P - len(p)
-        out[b, start: start + len(r)] = torch.as_tensor(r, dtype=torch.int16)
+        out[b, start: start + len(r)] = torch.from_numpy(np.array(r, dtype=np.int16))   # a copy: Ray's arrays are read-only
     return out
 
 

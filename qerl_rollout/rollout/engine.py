@@ -13,7 +13,9 @@ How it works.
   the log-probability of each sampled token under the sampling distribution (vLLM's
   `processed_logprobs`: after temperature and top-p), and the weight version that produced
   them. `score` returns the log-probabilities of given responses at temperature 1 from the
-  same forward pass vLLM uses for prompt logprobs.
+  same forward pass vLLM uses for prompt logprobs. `generate(routes=True)` also returns the
+  experts each token was routed to (`rollout.routes`: vLLM's own capture on a GPU, a scoring
+  prefill with capture hooks on CPU).
 - Update (the `WeightReceiver` protocol): `begin_update(v)`, any number of `load(bucket)`
   calls, each a `reload_weights` through vLLM's layerwise reload (which processes each layer
   once all of its tensors arrived), then `commit(v)`, which resets the prefix cache (cached KV
@@ -400,10 +402,12 @@ class RolloutEngine:
 
     def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
                  seed: int = 0, max_model_len: int | None = None,
-                 export_dir: str | Path | None = None, **engine_options):
+                 export_dir: str | Path | None = None, return_routes: bool = False, **engine_options):
         """`max_model_len` (prompt + generated tokens) defaults to the model's
         `max_position_embeddings`, capped at DEFAULT_MAX_MODEL_LEN (the KV cache is sized by
-        it); a value above the model's own limit is refused here rather than deep in vLLM."""
+        it); a value above the model's own limit is refused here rather than deep in vLLM.
+        `return_routes`: `generate(routes=True)` will be asked for; on a GPU vLLM must record
+        them from the start (`enable_return_routed_experts`), on CPU nothing is needed."""
         set_engine_env(kv_cache_gib=None)   # the KV cache size stays the caller's (or vLLM's)
         enable_cpu_amx()
         from vllm import LLM
@@ -427,6 +431,8 @@ class RolloutEngine:
                        logprobs_mode="processed_logprobs", enforce_eager=self._on_cpu)
         if self._on_cpu and _uses_mla(self.model_dir):
             options["attention_backend"] = "CPU_MLA"   # see _uses_mla
+        if return_routes and not self._on_cpu:
+            options["enable_return_routed_experts"] = True
         options.update(engine_options)
         self.llm = LLM(model=str(load_dir), **options)
         self.version = 0
@@ -434,6 +440,7 @@ class RolloutEngine:
         self._loaded_in_update = self._experts_in_update = False
         self._digests_in_update = self._received_digests = None
         self._broken: str | None = None
+        self._route_calls = 0
         if self._on_cpu:
             n = self.llm.apply_model(_install_cpu_moe_reload_fix)[0]
             log.debug("wrapped %d CPU MoE layers for faithful reloads", n)
@@ -526,8 +533,10 @@ class RolloutEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], n: int = 1, max_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> list[Sample]:
-        """n samples per prompt, prompt-major, each with per-token logprobs and the version.
+                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                 routes: bool = False) -> list[Sample]:
+        """n samples per prompt, prompt-major, each with per-token logprobs and the version;
+        with `routes`, also the experts each token was routed to (`Sample.routes`, `rollout.routes`).
 
         With a `seed`, sample k of prompt i draws from the stream `seed + i * n + k` (vLLM
         seeds a request's n samples `s, s + 1, ...`; each prompt is its own request with
@@ -560,7 +569,51 @@ class RolloutEngine:
                 logprobs = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)]
                 samples.append(Sample(i, list(c.token_ids), logprobs, self.version, c.finish_reason,
                                       list(prompt_token_ids[i])))
+        if routes:
+            self._attach_routes(samples, [c for out in outputs for c in out.outputs])
         return samples
+
+    def _attach_routes(self, samples: list[Sample], completions) -> None:
+        """Each sample's routes: vLLM's own on a GPU, those of a scoring prefill on CPU
+        (`rollout.routes`), over every token but the last (whose state no scored logprob reads)."""
+        from qerl_rollout.rollout.routes import moe_layer_ids, moe_rows
+
+        if self._on_cpu:
+            for s, r in zip(samples, self.prefill_routes([s.prompt_token_ids + s.token_ids for s in samples])):
+                s.routes = r
+            return
+        layers = self.llm.apply_model(moe_layer_ids)[0]
+        for s, c in zip(samples, completions):
+            if c.routed_experts is None:
+                raise EngineStateError("generate(routes=True) on a GPU needs the engine started with "
+                                       "return_routes=True (vLLM's enable_return_routed_experts)")
+            s.routes = moe_rows(c.routed_experts, layers)
+
+    def prefill_routes(self, sequences: list[list[int]]) -> list:
+        """Per sequence, the (len - 1, moe_layers, k) int16 experts of its tokens but the last, from
+        one scoring prefill with the routers' capture hooks on (`rollout.routes`; CPU engines)."""
+        import numpy as np
+        from vllm import SamplingParams
+
+        from qerl_rollout.rollout.routes import assign_routes, groups, start_capture, stop_capture
+
+        self._check_serving()
+        heads = [list(s[:-1]) for s in sequences]
+        read = [i for i, h in enumerate(heads) if h]
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        self._route_calls += 1
+        layers = self.llm.apply_model(start_capture)[0]
+        try:
+            for group in groups([len(heads[i]) for i in read], scheduler.max_num_batched_tokens,
+                                scheduler.max_num_seqs):
+                requests = [{"prompt_token_ids": heads[read[j]], "cache_salt": f"routes{self._route_calls}-{j}"}
+                            for j in group]     # one salt per request: no token skipped as cached
+                self.llm.generate(requests, SamplingParams(max_tokens=1), use_tqdm=False)
+        finally:
+            steps = self.llm.apply_model(stop_capture)[0]
+        found = dict(zip(read, assign_routes([heads[i] for i in read], steps))) if read else {}
+        k = steps[0]["routes"].shape[-1] if steps else 0
+        return [found.get(i, np.zeros((0, layers, k), np.int16)) for i in range(len(sequences))]
 
     def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:
         """Log-probabilities (temperature 1) of each response token given its prompt."""

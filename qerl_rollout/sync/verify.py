@@ -10,7 +10,7 @@ How it works (`PushCheck`, run by the training loop on the first push and every
   linear weight after prepacking it), which is what the second half is for.
 - Logits (within a tolerance). Every engine scores a fixed probe (prompts and responses from
   the run's first rollout) and the trainer scores it with the numbers the engine should hold:
-  a quantize-dequantize copy of its merged policy (`router_stats.qdq_copy`, in fp32), at
+  a quantize-dequantize copy of its merged policy (`qdq_copy`, in fp32), at
   temperature 1. `VERIFY_TOL` is what separates kernel noise from a stale layer (below).
 - Over the tolerance, or a hash mismatch: the loop pushes once in full and checks again; if
   that fails too, `StalePushError` stops the run with one line naming the scheme, mode,
@@ -91,11 +91,36 @@ class Probe:
         return cls([list(s.prompt_token_ids) for s in picked], [list(s.token_ids) for s in picked])
 
 
+def _plain_config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def qdq_copy(model: nn.Module, scheme: str, plan=None) -> nn.Module:
+    """A plain transformers model holding exactly the numbers an engine serves after a push of
+    `model`: LoRA merged, every quantized tensor replaced by its quantize-dequantize values,
+    routers and the other exempt tensors untouched."""
+    from transformers import AutoModelForCausalLM
+
+    from qerl_rollout.quant.plan import build_plan
+    from qerl_rollout.sync.merge import merged_named_tensors
+    from qerl_rollout.wire.stream import qdq_named_tensors
+
+    config = _plain_config(model)
+    plan = plan or build_plan(config, scheme)
+    copy = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = dict(qdq_named_tensors(plan, scheme, merged_named_tensors(model)))
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    tied = {n for n, d in plan.decisions.items() if not d.checkpoint_names}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"QDQ copy mismatch: missing {missing}, unexpected {unexpected}")
+    return copy.eval()
+
+
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, scheme: str, probe: Probe) -> list[list[float]]:
     """The probe's response logprobs (temperature 1) under the QDQ copy of `model` in fp32."""
     from qerl_rollout.quant.plan import build_plan
-    from qerl_rollout.sync.router_stats import _plain_config, qdq_copy
 
     plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else DEFAULT_SCHEME)
     device = next(model.parameters()).device

@@ -3,7 +3,7 @@
 One actor engine and one in-process engine (tiny Qwen3-MoE, fp8_block, emulate on CPU) are
 shared by the module. Both receive the same push of a peft-LoRA policy; the actor's scores
 and seeded samples must equal the in-process engine's exactly, since the same bytes reach
-the same vLLM code. Per-dtype packing round trips go through a separate Ray worker process
+the same vLLM code; so must the experts each token was routed to, byte for byte. Per-dtype packing round trips go through a separate Ray worker process
 and are compared byte for byte.
 """
 
@@ -88,11 +88,14 @@ def test_push_over_ray_equals_in_process_push(pushed, worker):
     after = ray.get(worker.score.remote(PROMPTS, RESPONSES))
     assert after != before                               # the LoRA push changed the weights
     assert after == local.score(PROMPTS, RESPONSES)      # exact: same bytes, same vLLM code
-    sampling = {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    sampling = {"n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 7, "routes": True}
     remote_samples = ray.get(worker.generate.remote(PROMPTS, **sampling))
     local_samples = local.generate(PROMPTS, **sampling)
     assert [(s.token_ids, s.logprobs, s.version) for s in remote_samples] == \
            [(s.token_ids, s.logprobs, s.version) for s in local_samples]
+    # The routes travel byte for byte (numpy int16 through Ray's serialization).
+    assert [(r.routes.dtype, r.routes.shape, r.routes.tobytes()) for r in remote_samples] == \
+           [(s.routes.dtype, s.routes.shape, s.routes.tobytes()) for s in local_samples]
 
 
 class _CorruptSecondBucket:
