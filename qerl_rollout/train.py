@@ -17,9 +17,10 @@ colocated: FSDP2 trainer ranks, several engines), behind one interface
 
 The driver holds the data, the rewards and the loop; in Ray placements it holds no model.
 
-The run directory (`run.output_dir/<run name>`) holds the resolved config, the metrics, the
-wandb files, the LoRA adapter and checkpoints (`qerl_rollout.checkpoint`, every
-`run.save_every` steps, at the end and on Ctrl-C). The same command with `run.resume=true`
+The run directory (`run.output_dir/<run name>`) holds the resolved config, the metrics (and
+for a MoE model each step's expert counts, experts.jsonl), the wandb files, the LoRA adapter
+and checkpoints (`qerl_rollout.checkpoint`, every `run.save_every` steps, at the end and on
+Ctrl-C). The same command with `run.resume=true`
 continues from the newest complete checkpoint: trainer, optimizer, sampler and RNG restored,
 the engine pushed the restored weights under the checkpointed version, metrics.jsonl cut back
 to that step, the same wandb run resumed. Held-out evaluation runs every `eval.every` steps.
@@ -46,6 +47,7 @@ def run(cfg) -> dict:
     from qerl_rollout.rl import group_advantages
     from qerl_rollout.rl.aqn import norm_noise
     from qerl_rollout.rl.policy import TokenBatch
+    from qerl_rollout.rl.routing import COUNTS_KEY
     from qerl_rollout.tracking import Tracker
 
     memory = _memory_plan(cfg)       # before the run dir: a refused layout leaves nothing behind
@@ -100,6 +102,7 @@ def run(cfg) -> dict:
                 advantages = group_advantages(rewards, cfg.grpo.group_size,
                                               norm_std=cfg.grpo.norm_adv_by_std, eps=cfg.grpo.adv_eps)
                 metrics = trainer.train_step(batch, advantages, logp_rollout)
+                _record_expert_counts(run_dir, step, metrics.pop(COUNTS_KEY, None))
                 t2 = time.perf_counter()
                 placement.phase("push")
                 # This push serves the next step's rollouts: 0-based index `step` in AQN's schedule.
@@ -404,6 +407,16 @@ def _routes_due(cfg, step: int) -> bool:
     `run.router_stats_every` steps (the trainer then logs router/* and experts/rollout/*)."""
     every = cfg.run.router_stats_every
     return cfg.rollout.routing_replay == "r3" or (bool(every) and step % every == 0)
+
+
+def _record_expert_counts(run_dir: Path, step: int, counts: dict | None) -> None:
+    """Append a step's (layers, experts) token counts to run_dir/experts.jsonl (the report's
+    heatmaps; a resumed run appends its steps again, and the newest line of a step counts)."""
+    from qerl_rollout.report import EXPERTS_FILE
+
+    if counts is not None:
+        with open(run_dir / EXPERTS_FILE, "a") as f:
+            f.write(json.dumps({"step": step, **counts}) + "\n")
 
 
 def _routes_source(placement) -> str:

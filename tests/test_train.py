@@ -89,6 +89,12 @@ def test_short_run_trains_pushes_and_records(tmp_path, capfd):
     assert 0.5 <= agreement <= 1.0 and 1 - agreement <= flips + 1e-12 <= 2 * (1 - agreement) + 2e-12
     assert {"experts/rollout/load_cv", "router/flip_rate/layer1"} <= rows[2].keys()
     assert json.loads((run_dir / "summary.json").read_text())["routing/source"] == "prefill"
+    # experts.jsonl (the report's heatmaps): every real token once per layer in the trainer; the
+    # rollout's routes cover every token but each sequence's last (32 sequences, k = 2).
+    lines = [json.loads(x) for x in (run_dir / "experts.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and [x["rollout"] is None for x in lines] == [True, True, False]
+    trainer, rollout = ([sum(layer) for layer in lines[2][side]] for side in ("trainer", "rollout"))
+    assert len(set(trainer)) == 1 and rollout == [t - 2 * 32 for t in trainer]
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 

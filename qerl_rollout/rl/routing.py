@@ -98,6 +98,9 @@ REPLAY_RULES = {
 }
 
 
+COUNTS_KEY = "experts/counts"     # the one non-scalar entry of `RouterHooks.metrics`
+
+
 def _num_experts(model: nn.Module) -> tuple[int, int]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = base.config.get_text_config()
@@ -234,13 +237,17 @@ class RouterHooks:
             self.stats = self.stats.cuda()     # a rank with no counted row still joins on its GPU
         dist.all_reduce(self.stats)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict:
         """`experts/trainer/*`, and where routes were compared `experts/rollout/*` and
-        `router/*`, of what was counted since `reset`."""
-        out = load_metrics(self.counts, self.names, "experts/trainer")
-        if int(self.compared.sum()) > 0:
+        `router/*`, of what was counted since `reset`; plus `experts/counts`, the counts
+        themselves ({"names", "trainer", "rollout"}: nested lists, the report's heatmaps)."""
+        compared = int(self.compared.sum()) > 0
+        out: dict = load_metrics(self.counts, self.names, "experts/trainer")
+        if compared:
             out.update(load_metrics(self.rollout_counts, self.names, "experts/rollout"))
             out.update(agreement_metrics(self.overlap, self.flips, self.compared, self.top_k, self.names))
+        out[COUNTS_KEY] = {"names": list(self.names), "trainer": self.counts.cpu().tolist(),
+                           "rollout": self.rollout_counts.cpu().tolist() if compared else None}
         return out
 
     def remove(self) -> None:

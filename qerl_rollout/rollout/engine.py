@@ -602,7 +602,7 @@ class RolloutEngine:
         read = [i for i, h in enumerate(heads) if h]
         scheduler = self.llm.llm_engine.vllm_config.scheduler_config
         self._route_calls += 1
-        layers = self.llm.apply_model(start_capture)[0]
+        layers, k = self.llm.apply_model(start_capture)[0]
         try:
             for group in groups([len(heads[i]) for i in read], scheduler.max_num_batched_tokens,
                                 scheduler.max_num_seqs):
@@ -612,7 +612,6 @@ class RolloutEngine:
         finally:
             steps = self.llm.apply_model(stop_capture)[0]
         found = dict(zip(read, assign_routes([heads[i] for i in read], steps))) if read else {}
-        k = steps[0]["routes"].shape[-1] if steps else 0
         return [found.get(i, np.zeros((0, layers, k), np.int16)) for i in range(len(sequences))]
 
     def score(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:

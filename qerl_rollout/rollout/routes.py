@@ -52,8 +52,8 @@ def moe_layer_ids(model: torch.nn.Module) -> list[int]:
     return [m.layer_id for m in _moe_runners(model)]
 
 
-def start_capture(model: torch.nn.Module) -> int:
-    """Install the two capture hooks (module docstring); returns the MoE layers hooked."""
+def start_capture(model: torch.nn.Module) -> tuple[int, int]:
+    """Install the two capture hooks (module docstring); returns (MoE layers hooked, top-k)."""
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
 
     runners = _moe_runners(model)
@@ -76,7 +76,7 @@ def start_capture(model: torch.nn.Module) -> int:
             raise ValueError(f"route capture: router {type(runner.router).__name__} takes no capture callback")
         runner.router.set_capture_fn(functools.partial(record, runner.layer_id))
     model._qerl_route_capture = (steps, model.register_forward_pre_hook(step, with_kwargs=True))
-    return len(runners)
+    return len(runners), runners[0].router.top_k
 
 
 def stop_capture(model: torch.nn.Module) -> list[dict]:
