@@ -27,11 +27,14 @@ import pytest
 from qerl_rollout import checkpoint, train
 from qerl_rollout.tracking import read_metrics
 
-ARGS = ["run.steps=6", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
+# Rollout routing replay on: the resumed run's engine routes (and the trainer replays) as the
+# uninterrupted one's does.
+ARGS = ["run.steps=6", "run.save_every=2", "rollout.prompts_per_step=4", "rollout.routing_replay=r3",
         "tracking.wandb_mode=offline"]
 COMPARED = ("reward/mean", "reward/std", "loss/policy", "train/grad_norm", "rollout_corr/k3_kl",
             "rollout/response_len", "rollout/version", "sync/version", "experts/trainer/load_cv",
-            "experts/trainer/max_over_mean", "experts/trainer/dead")
+            "experts/trainer/max_over_mean", "experts/trainer/dead", "experts/rollout/load_cv",
+            "router/topk_agreement", "router/flip_rate")
 
 
 def _kill_after_first_checkpoint(out, name, args=ARGS) -> int:
