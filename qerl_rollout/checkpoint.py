@@ -63,7 +63,7 @@ class RunState:
     wandb_id: str | None = None
 
 
-IDENTITY_KEYS = ("model", "task", "rollout.scheme", "placement.mode",
+IDENTITY_KEYS = ("model", "task", "rollout.scheme", "rollout.quant_targets", "rollout.bf16_layers", "placement.mode",
                  "rollout.num_engines", "rollout.tensor_parallel_size", "run.steps", "policy.warmup_steps")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qerl_rollout.evaluation import EvalConfig
 from qerl_rollout.quant import DEFAULT_SCHEME
+from qerl_rollout.quant.plan import Precision
 from qerl_rollout.rl.aqn import AQNConfig
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
@@ -71,9 +72,20 @@ class RolloutConfig:
     # "r3": the engines return the experts each token was routed to and every trainer forward
     # of the step replays them (rollout routing replay, `rl.routing`). MoE models only.
     routing_replay: str = "none"
+    # Which quantizable layers get `scheme` (`quant.plan.Precision`); the rest stays BF16:
+    # experts (routed + shared), experts_attention (and attention), all_linear (and dense MLPs).
+    quant_targets: str = "all_linear"
+    bf16_layers: int = 0           # the first and last N decoder layers stay BF16 whole
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.quant_targets, self.bf16_layers)
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
+        if self.precision != Precision() and self.scheme == "bf16":
+            raise ValueError("rollout.quant_targets / rollout.bf16_layers choose what rollout.scheme "
+                             "quantizes; the bf16 scheme quantizes nothing")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(f"rollout.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
         if self.temperature <= 0:

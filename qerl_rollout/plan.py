@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     unread = [f"{key}=<not read by plan>" for key in ("model.path", "task.path") if not _given(args.overrides, key)]
     try:
         cfg = load_config([*args.overrides, *unread])
-        counts = count(model_config(path, cfg.model.shape), cfg.policy, cfg.rollout.scheme)
+        counts = count(model_config(path, cfg.model.shape), cfg.policy, cfg.rollout.scheme, cfg.rollout.precision)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

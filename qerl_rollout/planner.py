@@ -119,8 +119,9 @@ def model_config(model_path: str, shape: str) -> dict:
     return json.loads(path.read_text())
 
 
-def count(config: dict, policy_cfg, scheme: str) -> Counts:
-    """Parameter and byte counts of `config` with `policy_cfg`'s LoRA (meta device)."""
+def count(config: dict, policy_cfg, scheme: str, precision=None) -> Counts:
+    """Parameter and byte counts of `config` with `policy_cfg`'s LoRA (meta device); the engine's
+    bytes as `precision` (`quant.plan.Precision`) quantizes it."""
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,7 +135,7 @@ def count(config: dict, policy_cfg, scheme: str) -> Counts:
     base = sum(p.numel() for p in model.parameters())
     layers = model.model.layers
     layer = max(sum(p.numel() for p in block.parameters()) for block in layers)
-    plan = build_plan(hf, scheme if scheme != "bf16" else DEFAULT_SCHEME)
+    plan = build_plan(hf, scheme if scheme != "bf16" else DEFAULT_SCHEME, precision)
     peft_model = get_peft_model(model, lora_config(policy_cfg))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapted = {_plain(n) for n, p in peft_model.named_parameters() if p.requires_grad}

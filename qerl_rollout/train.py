@@ -235,7 +235,8 @@ def _memory_plan(cfg):
 
     if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path} has no config.json")
-    counts = count(model_config(cfg.model.path, cfg.model.shape), cfg.policy, cfg.rollout.scheme)
+    counts = count(model_config(cfg.model.path, cfg.model.shape), cfg.policy, cfg.rollout.scheme,
+                   cfg.rollout.precision)
     memory = plan(cfg, counts, cfg.placement.gpu_gib)
     if memory.refusal:
         raise LayoutError(f"does not fit: {memory.refusal} (the table: python -m qerl_rollout.plan "

@@ -87,7 +87,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["steps"] == 6
 
 
-SPLIT = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "run.router_stats_every=0",
+SPLIT = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "rollout.routing_replay=r3",
          "placement.mode=split", "trainer.num_workers=2", "rollout.num_engines=2", "eval.every=0",
          "tracking.wandb_mode=disabled"]
 

@@ -289,6 +289,19 @@ def test_runs_that_used_to_crash(tmp_path, overrides):
         assert rows[1]["router/topk_agreement"] >= 0.95 and rows[1]["router/flip_rate"] <= 0.1
 
 
+def test_a_run_quantizing_the_experts_alone(tmp_path):
+    """Per-module precision end to end: fp8_block experts, BF16 attention. The engine holds what
+    the trainer's QDQ reference of the same precision holds (the push check, both halves)."""
+    argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2", "rollout.prompts_per_step=2",
+            "rollout.quant_targets=experts", "sync.verify_every=1", "tracking.wandb_mode=disabled"]
+    assert train.main(argv) == 0
+    rows = read_metrics(tmp_path / "r")
+    for row in rows:
+        assert row["sync/verify_hash_ok"] == 1.0 and 0 <= row["sync/verify_max_dlogp"] < VERIFY_TOL
+    with pytest.raises(ValueError, match="the bf16 scheme quantizes nothing"):
+        load_config(["rollout.scheme=bf16", "rollout.bf16_layers=1"])
+
+
 def test_eval_report_and_a_quiet_console(tmp_path):
     """A subprocess run: held-out eval (and its BF16 twin) each step, the report PNG, and the
     per-push vLLM INFO lines in the run's vllm.log instead of the console."""

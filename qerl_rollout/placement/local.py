@@ -51,7 +51,7 @@ class LocalPlacement:
         self.trainer = PolicyTrainer(Policy(policy_cfg, grpo, cfg.mismatch))
         set_engine_env(r.kv_cache_gib)
         try:
-            self.rollout = LocalRollout(model_dir, QuantConfig(r.scheme, r.mode), **engine_options)
+            self.rollout = LocalRollout(model_dir, QuantConfig(r.scheme, r.mode, r.precision), **engine_options)
             self.trainer.connect("rollout", self.rollout.receiver, bucket_bytes=r.bucket_mb << 20)
             if with_baseline:
                 self.baseline = LocalRollout(model_dir, QuantConfig("bf16", r.mode), **engine_options)

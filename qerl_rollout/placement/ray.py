@@ -42,6 +42,7 @@ import ray
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.layout import Layout, LayoutError, Slot, plan_layout
 from qerl_rollout.placement.phases import ColocatedPhases, check_phase
+from qerl_rollout.quant.plan import Precision
 from qerl_rollout.rollout.types import Sample
 from qerl_rollout.workers.rollout_worker import start_rollout_worker
 from qerl_rollout.workers.trainer import RayTrainer, row_blocks, wait_all
@@ -156,7 +157,7 @@ class RayPlacement:
             self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch)
             self.rollout = self._engines(model_dir, self.layout.engines, cfg.rollout.scheme, engine_options)
             self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20,
-                                 self.rollout.names)
+                                 self.rollout.names, cfg.rollout.precision)
             if self.layout.baseline is not None:
                 self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16", engine_options,
                                               name="baseline engine")
@@ -186,7 +187,7 @@ class RayPlacement:
         from qerl_rollout.rollout.engine import prepare_export, vllm_logging_env
 
         r = self.cfg.rollout
-        quant = QuantConfig(scheme, r.mode)
+        quant = QuantConfig(scheme, r.mode, r.precision if scheme == r.scheme else Precision())
         # Made here, once, before any engine starts: engines only load it.
         export_dir = prepare_export(model_dir, quant, engines_on_gpu=any(s.num_gpus > 0 for s in slots))
         extra = dict(options, export_dir=None if export_dir is None else str(export_dir))

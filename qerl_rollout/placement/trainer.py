@@ -26,10 +26,11 @@ class PolicyTrainer:
         self.syncs: dict[str, WeightSync] = {}
 
     def connect(self, target: str, receiver: WeightReceiver | None, *, bucket_bytes: int,
-                scheme: str | None = None, retry: bool = True) -> None:
+                scheme: str | None = None, precision=None, retry: bool = True) -> None:
         """A sync into `receiver` (rank 0; None on the other ranks of a sharded trainer, which
-        name the engine's `scheme`). `retry=False` where the caller retries on every rank."""
-        self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme,
+        name the engine's `scheme` and `precision`). `retry=False` where the caller retries on
+        every rank."""
+        self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme, precision=precision,
                                         bucket_bytes=bucket_bytes, retry_full_on_transport_error=retry)
 
     def train_step(self, batch, advantages, logp_rollout) -> dict:
@@ -47,7 +48,7 @@ class PolicyTrainer:
             return None
         from qerl_rollout.sync.verify import reference_logprobs
 
-        return reference_logprobs(self.policy.model, scheme, probe)
+        return reference_logprobs(self.policy.model, scheme, probe, self.syncs["rollout"].precision)
 
     def save_state(self, path: str | Path) -> None:
         """This rank's shards into checkpoint directory `path` (`Policy.save_state`; a

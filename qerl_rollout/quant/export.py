@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from qerl_rollout.quant import SCHEMES, get_scheme, quantize
-from qerl_rollout.quant.plan import QuantPlan, build_plan_from_checkpoint
+from qerl_rollout.quant.plan import Precision, QuantPlan, build_plan_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,15 @@ def export_checkpoint(
     *,
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = True,
+    precision: Precision | None = None,
 ) -> QuantPlan:
-    """Quantize the checkpoint in `model_dir` with `scheme` into `out_dir`; returns the plan."""
+    """Quantize the checkpoint in `model_dir` with `scheme` into `out_dir` (the layers
+    `precision` names; the rest stays BF16); returns the plan."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_scheme(scheme)
     source = CheckpointSource.open(model_dir)
     _check_out_dir(out_dir, overwrite)
-    plan = build_plan_from_checkpoint(model_dir, scheme)
+    plan = build_plan_from_checkpoint(model_dir, scheme, precision)
     source.check_against(plan)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -95,7 +97,7 @@ def export_checkpoint(
 
 
 def cached_export(model_dir: str | Path, scheme: str, cache_root: str | Path | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, precision: Precision | None = None) -> Path:
     """The export of `model_dir` in `scheme` under `cache_root` (default
     `$QERL_EXPORT_CACHE` or `~/.cache/qerl_rollout/exports`), made now if it is not there.
 
@@ -109,7 +111,7 @@ def cached_export(model_dir: str | Path, scheme: str, cache_root: str | Path | N
     root = Path(cache_root or os.environ.get("QERL_EXPORT_CACHE")
                 or Path.home() / ".cache" / "qerl_rollout" / "exports")
     root.mkdir(parents=True, exist_ok=True)
-    out_dir = root / f"{model_dir.name}-{scheme}-{export_key(model_dir, scheme)}"
+    out_dir = root / f"{model_dir.name}-{scheme}-{export_key(model_dir, scheme, precision)}"
     lock = FileLock(str(root / f".{out_dir.name}.lock"))
     try:
         lock.acquire(blocking=False)
@@ -118,17 +120,17 @@ def cached_export(model_dir: str | Path, scheme: str, cache_root: str | Path | N
         lock.acquire()
     try:
         if not (out_dir / "config.json").is_file():
-            export_checkpoint(model_dir, out_dir, scheme, progress=progress)
+            export_checkpoint(model_dir, out_dir, scheme, progress=progress, precision=precision)
     finally:
         lock.release()
     return out_dir
 
 
-def export_key(model_dir: Path, scheme: str) -> str:
+def export_key(model_dir: Path, scheme: str, precision: Precision | None = None) -> str:
     """Changes with the checkpoint's files (path, sizes, mtimes), the scheme, EXPORT_FORMAT and
-    the plan (what is quantized, and the compressed-tensors config it writes)."""
+    the plan (what is quantized, so the precision too, and the compressed-tensors config it writes)."""
     model_dir = Path(model_dir).resolve()
-    plan = build_plan_from_checkpoint(model_dir, scheme)
+    plan = build_plan_from_checkpoint(model_dir, scheme, precision)
     parts = [str(model_dir), scheme, f"format {EXPORT_FORMAT}",
              json.dumps(quantization_config(plan), sort_keys=True)]
     parts += [f"{d.name}:{d.quantized}:{d.shape}" for d in sorted(plan.decisions.values(), key=lambda d: d.name)]

@@ -29,7 +29,15 @@ Fused groups are the checkpoint tensors that vLLM fuses into one layer and that 
 one NVFP4 global scale: q/k/v, gate/up (dense MLP, shared expert, every routed expert; Mixtral's
 w1/w3), and MLA's q_a_proj/kv_a_proj_with_mqa when both exist (vLLM's `fused_qkv_a_proj`).
 
-Left out: conversion operations other than merge/concatenate (e.g. transposes, qwen3_vl_moe),
+Precision (`Precision`, the run's `rollout.quant_targets` and `rollout.bf16_layers`): of the
+quantizable tensors above, only the categories of the chosen targets are quantized (`experts`:
+routed and shared experts; `experts_attention`: and attention; `all_linear`, the default: and the
+dense MLPs too, every decoder-layer linear) and the first and last `bf16_layers` decoder layers
+stay BF16 whole (NeMo RL's recipe). The rest gets the plan's one scheme. What is kept BF16 this
+way says why in its reason, and is in the export's ignore list like any exempt module; a
+precision that leaves nothing quantized is refused (use the bf16 scheme).
+
+Left out: several schemes in one plan (`quant_overrides`), conversion operations other than merge/concatenate (e.g. transposes, qwen3_vl_moe),
 vision towers and MTP heads (they fall into `other`, exempt), and per-scheme shape limits
 (the quantizer raises on a shape it cannot handle).
 """
@@ -78,6 +86,36 @@ class UnsupportedConversionError(NotImplementedError):
     """transformers maps this model's checkpoint with an operation the plan does not invert."""
 
 
+QUANT_TARGETS = {
+    "experts": ("expert", "shared_expert"),
+    "experts_attention": ("expert", "shared_expert", "attention"),
+    "all_linear": ("expert", "shared_expert", "attention", "dense_mlp"),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Which quantizable tensors a plan quantizes: the categories of `targets` (`QUANT_TARGETS`),
+    outside the first and last `bf16_layers` decoder layers (module docstring)."""
+
+    targets: str = "all_linear"
+    bf16_layers: int = 0
+
+    def __post_init__(self):
+        if self.targets not in QUANT_TARGETS:
+            raise ValueError(f"unknown quant targets {self.targets!r}; choose from {sorted(QUANT_TARGETS)}")
+        if self.bf16_layers < 0:
+            raise ValueError(f"bf16_layers must be >= 0, got {self.bf16_layers}")
+
+    def kept_bf16(self, category: str, layer: int | None, num_layers: int) -> str | None:
+        """Why a quantizable tensor of `category` in decoder layer `layer` stays BF16, or None."""
+        if category not in QUANT_TARGETS[self.targets]:
+            return f"{category} kept BF16 (quant_targets={self.targets})"
+        if layer is not None and (layer < self.bf16_layers or layer >= num_layers - self.bf16_layers):
+            return f"layer {layer} kept BF16 (bf16_layers={self.bf16_layers})"
+        return None
+
+
 @dataclass(frozen=True)
 class TensorDecision:
     """What happens to one trainer tensor (a parameter or persistent buffer)."""
@@ -121,6 +159,7 @@ class QuantPlan:
     decisions: dict[str, TensorDecision]
     splits: dict[str, ExpertSplit] = field(default_factory=dict)
     fused_groups: tuple[tuple[str, ...], ...] = ()
+    precision: Precision = Precision()
     _by_checkpoint: dict[str, str] = field(default_factory=dict, repr=False)
     _group_of: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
@@ -250,19 +289,25 @@ class QuantPlan:
 # ================================ building the plan ========================================
 
 
-def build_plan(model_or_config, scheme: str) -> QuantPlan:
+def build_plan(model_or_config, scheme: str, precision: Precision | None = None) -> QuantPlan:
     """Decide every tensor of a transformers model (or a config, instantiated on meta)."""
     _check_scheme(scheme)
+    precision = precision or Precision()
     model = _as_model(model_or_config)
     config = model.config
     text_config = config.get_text_config()
     naming = CheckpointNaming.for_model(model)
     roles = _module_roles(model, text_config)
     tied = _tied_output_name(model, text_config)
+    layers_name, _ = _decoder_layers(model, text_config)
     decisions: dict[str, TensorDecision] = {}
     splits: dict[str, ExpertSplit] = {}
     for name, tensor in _state_tensors(model):
         category, quantized, reason = _decide(name, tensor, roles)
+        kept = quantized and precision.kept_bf16(category, _layer_index(name, layers_name),
+                                                   text_config.num_hidden_layers)
+        if kept:
+            quantized, reason = False, kept
         split = naming.expert_split(name, tensor)
         if split is not None:
             splits[name] = split
@@ -274,18 +319,29 @@ def build_plan(model_or_config, scheme: str) -> QuantPlan:
         decisions[name] = TensorDecision(
             name, category, quantized, reason, tuple(tensor.shape), tensor.dtype, ck_names
         )
+    if precision != Precision() and not any(d.quantized for d in decisions.values()):
+        raise ValueError(f"quant_targets={precision.targets} with bf16_layers={precision.bf16_layers} "
+                         f"leaves nothing of this {text_config.num_hidden_layers}-layer {config.model_type} "
+                         "quantized; use the bf16 scheme")
     groups = _fused_groups(
         [ck for d in decisions.values() if d.quantized for ck in d.checkpoint_names]
     )
-    return QuantPlan(scheme, config.model_type, decisions, splits, groups)
+    return QuantPlan(scheme, config.model_type, decisions, splits, groups, precision)
 
 
-def build_plan_from_checkpoint(model_dir: str | Path, scheme: str) -> QuantPlan:
+def build_plan_from_checkpoint(model_dir: str | Path, scheme: str, precision: Precision | None = None) -> QuantPlan:
     """The plan of a checkpoint directory: its config instantiated on the meta device."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    return build_plan(config, scheme)
+    return build_plan(config, scheme, precision)
+
+
+def _layer_index(name: str, layers_name: str) -> int | None:
+    """`model.layers.3.mlp...` -> 3 (the decoder layer a tensor is in), None outside them."""
+    if not name.startswith(layers_name + "."):
+        return None
+    return int(name[len(layers_name) + 1:].split(".", 1)[0])
 
 
 def _check_scheme(scheme: str) -> None:

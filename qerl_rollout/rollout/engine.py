@@ -321,7 +321,7 @@ def prepare_export(model_dir: str | Path, quant: QuantConfig, *, engines_on_gpu:
         return None
     from qerl_rollout.quant.export import cached_export
 
-    return cached_export(model_dir, quant.scheme, cache_root)
+    return cached_export(model_dir, quant.scheme, cache_root, precision=quant.precision)
 
 
 DEFAULT_MAX_MODEL_LEN = 1024
@@ -417,7 +417,7 @@ class RolloutEngine:
         self.model_dir = Path(model_dir)
         max_model_len = _max_model_len(self.model_dir, max_model_len)
         self.quant = quant or QuantConfig()
-        self.scheme = self.quant.scheme
+        self.scheme, self.precision = self.quant.scheme, self.quant.precision
         self.mode = resolve_mode(self.quant)
         self._on_cpu = current_platform.is_cpu()
         if self._on_cpu and current_platform.is_zen_cpu() and not _zentorch_cache_ops():
@@ -467,7 +467,7 @@ class RolloutEngine:
         from qerl_rollout.wire.bucket import buckets
         from qerl_rollout.wire.stream import Piece, encode_unit, units
 
-        plan = build_plan_from_checkpoint(self.model_dir, self.scheme)
+        plan = build_plan_from_checkpoint(self.model_dir, self.scheme, self.precision)
         stream = (Piece((name, ), t, name) for name, t in checkpoint_stream(self.model_dir))
         encoded = (encode_unit(u, plan, self.scheme) for u in units(stream))
         self.begin_update(0)

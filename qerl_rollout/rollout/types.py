@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qerl_rollout.quant import DEFAULT_SCHEME, SCHEMES
+from qerl_rollout.quant.plan import Precision
 
 QUANT_SCHEMES = ("bf16", *SCHEMES)
 QUANT_MODES = ("auto", "kernel", "emulate")
@@ -23,10 +24,12 @@ class QuantConfig:
             `emulate` runs BF16 layers that hold the dequantized (QDQ) values, so the numbers
             are those of the quantized model but not its speed; `auto` picks kernel where the
             platform has the kernels and emulate elsewhere (`resolve_mode`).
+    precision: which quantizable layers get the scheme, the rest BF16 (`quant.plan.Precision`).
     """
 
     scheme: str = DEFAULT_SCHEME
     mode: str = "auto"
+    precision: Precision = Precision()
 
     def __post_init__(self):
         if self.scheme not in QUANT_SCHEMES:

@@ -118,11 +118,12 @@ def qdq_copy(model: nn.Module, scheme: str, plan=None) -> nn.Module:
 
 
 @torch.no_grad()
-def reference_logprobs(model: nn.Module, scheme: str, probe: Probe) -> list[list[float]]:
-    """The probe's response logprobs (temperature 1) under the QDQ copy of `model` in fp32."""
+def reference_logprobs(model: nn.Module, scheme: str, probe: Probe, precision=None) -> list[list[float]]:
+    """The probe's response logprobs (temperature 1) under the QDQ copy of `model` in fp32
+    (the layers `precision` quantizes, `quant.plan.Precision`)."""
     from qerl_rollout.quant.plan import build_plan
 
-    plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else DEFAULT_SCHEME)
+    plan = build_plan(_plain_config(model), scheme if scheme != "bf16" else DEFAULT_SCHEME, precision)
     device = next(model.parameters()).device
     copy = qdq_copy(model, scheme, plan).float().to(device)
     out = []

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from qerl_rollout.quant import DEFAULT_SCHEME
-from qerl_rollout.quant.plan import QuantPlan, build_plan
+from qerl_rollout.quant.plan import Precision, QuantPlan, build_plan
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
 from qerl_rollout.wire.bucket import buckets, digests, nbytes
@@ -141,9 +141,10 @@ class WeightSync:
         retry_full_on_transport_error: bool = True,
         sharded: bool = False,
         scheme: str | None = None,
+        precision: Precision | None = None,
     ):
         """`sharded`: every rank of an FSDP2 trainer makes one; `engine` on rank 0 only, and
-        `scheme` (the engine's) on the others, which never talk to it."""
+        `scheme` and `precision` (the engine's) on the others, which never talk to it."""
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         if engine is None and not (sharded and scheme):
@@ -151,6 +152,7 @@ class WeightSync:
                              "and they need the engine's scheme")
         self.engine = engine
         self.scheme = engine.scheme if engine is not None else scheme
+        self.precision = engine.precision if engine is not None else (precision or Precision())
         self.sharded = sharded
         self.bucket_bytes = bucket_bytes
         self.retry = retry_full_on_transport_error and not sharded
@@ -218,7 +220,7 @@ class WeightSync:
         scheme = self.scheme if self.scheme != "bf16" else DEFAULT_SCHEME
         if self._plan is None:
             # From the config (meta device): plain transformers names, whatever peft wrapped.
-            self._plan = build_plan(_base_model(model).config, scheme)
+            self._plan = build_plan(_base_model(model).config, scheme, self.precision)
         return self._plan
 
     def _names_to_send(self, plan: QuantPlan, changed: set[str], with_norms: bool) -> set[str]:

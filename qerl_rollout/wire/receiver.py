@@ -12,12 +12,15 @@ from typing import Protocol
 
 import torch
 
+from qerl_rollout.quant.plan import Precision
+
 
 class WeightReceiver(Protocol):
     """An engine that can take a versioned stream of weights."""
 
     mode: str      # "kernel" (compressed tensors) or "emulate" (BF16 QDQ values)
     scheme: str    # the quant scheme the engine expects
+    precision: Precision   # which of its layers hold that scheme (`quant.plan.Precision`)
     version: int   # the version it serves
 
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

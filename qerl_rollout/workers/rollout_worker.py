@@ -57,7 +57,8 @@ class RolloutWorker:
 
     def info(self) -> dict:
         e = self.engine
-        return {"mode": e.mode, "scheme": e.scheme, "version": e.version, "manifest": e.manifest()}
+        return {"mode": e.mode, "scheme": e.scheme, "precision": e.precision, "version": e.version,
+                "manifest": e.manifest()}
 
     # -- serving ---------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[list[int]], **sampling) -> list[Sample]:

@@ -121,12 +121,13 @@ class RayWeightReceiver:
         infos = ray.get([w.info.remote() for w in self.workers])
         first = infos[0]
         for i, info in enumerate(infos[1:], 1):
-            if (info["mode"], info["scheme"], info["manifest"]) != (first["mode"], first["scheme"],
-                                                                     first["manifest"]):
+            if (info["mode"], info["scheme"], info["precision"], info["manifest"]) != (
+                    first["mode"], first["scheme"], first["precision"], first["manifest"]):
                 raise ValueError(f"engine {i} serves {info['scheme']}/{info['mode']} or another model "
                                  f"than engine 0 ({first['scheme']}/{first['mode']})")
         self.mode: str = first["mode"]
         self.scheme: str = first["scheme"]
+        self.precision = first["precision"]
         self._manifest = first["manifest"]
         self._in_flight: list[ray.ObjectRef] = []
 

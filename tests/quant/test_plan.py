@@ -9,7 +9,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qerl_rollout.quant.plan import RouterNotFoundError, build_plan, build_plan_from_checkpoint
+from qerl_rollout.quant.plan import (
+    Precision,
+    RouterNotFoundError,
+    build_plan,
+    build_plan_from_checkpoint,
+)
 from qerl_rollout.tiny import tiny_config
 
 MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
@@ -278,3 +283,50 @@ def test_unknown_linear_in_moe_block_is_exempt_other():
 def test_unknown_scheme_raises():
     with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
         build_plan(tiny_config("qwen3"), "int3")
+
+
+# --- precision: which quantizable layers get the scheme (`Precision`) ---
+
+def _quantized(plan) -> set[tuple[str, str]]:
+    """(layer index, category) of every quantized tensor."""
+    return {(d.name.split(".")[2], d.category) for d in plan.quantized()}
+
+
+def test_the_default_precision_is_the_plan_without_one():
+    for family in MOE_FAMILIES + ["qwen3"]:
+        cfg = tiny_config(family)
+        assert build_plan(cfg, "int8", Precision()).decisions == build_plan(cfg, "int8").decisions
+
+
+def test_bf16_layers_keep_the_first_and_last_layers_whole():
+    plan = build_plan(tiny_config("qwen3_moe", num_hidden_layers=4), "int8", Precision(bf16_layers=1))
+    assert _quantized(plan) == {("1", "attention"), ("1", "expert"), ("2", "attention"), ("2", "expert")}
+    assert plan["model.layers.3.self_attn.q_proj.weight"].reason == "layer 3 kept BF16 (bf16_layers=1)"
+    # vLLM must leave layers 0 and 3 unquantized, and only those: per-layer ignore patterns.
+    ignore = plan.ignore_patterns()
+    assert r"re:^model\.layers\.0\.self_attn\.q_proj$" in ignore and r"re:^model\.layers\.3\.mlp\.experts\.0\.down_proj$" in ignore
+    assert not any(re.match(p[3:], "model.layers.1.self_attn.q_proj") for p in ignore)
+
+
+def test_quant_targets_choose_the_categories():
+    deepseek = tiny_config("deepseek_v3")          # layer 0 dense MLP, layer 1 MoE with a shared expert
+    everything = {("0", "attention"), ("0", "dense_mlp"), ("1", "attention"), ("1", "expert"), ("1", "shared_expert")}
+    assert _quantized(build_plan(deepseek, "int8", Precision("all_linear"))) == everything
+    plan = build_plan(deepseek, "int8", Precision("experts_attention"))
+    assert _quantized(plan) == everything - {("0", "dense_mlp")}
+    assert plan["model.layers.0.mlp.gate_proj.weight"].reason == "dense_mlp kept BF16 (quant_targets=experts_attention)"
+    assert _quantized(build_plan(deepseek, "int8", Precision("experts"))) == {("1", "expert"), ("1", "shared_expert")}
+    # Routers, gates, embeddings, lm_head and norms stay exempt whatever the targets.
+    exempt = {d.category for d in build_plan(deepseek, "int8", Precision("all_linear")).exempt()}
+    assert {"router", "embedding", "lm_head", "norm"} <= exempt
+
+
+def test_precisions_that_quantize_nothing_or_make_no_sense_are_refused():
+    with pytest.raises(ValueError, match="leaves nothing of this 2-layer qwen3_moe quantized"):
+        build_plan(tiny_config("qwen3_moe"), "int8", Precision(bf16_layers=1))
+    with pytest.raises(ValueError, match="leaves nothing"):
+        build_plan(tiny_config("qwen3"), "int8", Precision("experts"))      # a dense model has no experts
+    with pytest.raises(ValueError, match="unknown quant targets 'attention'"):
+        Precision("attention")
+    with pytest.raises(ValueError, match="bf16_layers must be >= 0"):
+        Precision(bf16_layers=-1)

@@ -28,6 +28,15 @@ def engine_numbers(engine, greedy: bool = True) -> dict:
 
 
 TP_ENV = "QERL_TEST_TENSOR_PARALLEL"   # vLLM tensor parallelism of the engines these tests build
+TARGETS_ENV = "QERL_TEST_QUANT_TARGETS"   # and the quant targets of their precision
+
+
+def engine_quant(scheme: str):
+    """The QuantConfig of the engines these tests build (`TARGETS_ENV`, default all_linear)."""
+    from qerl_rollout import QuantConfig
+    from qerl_rollout.quant.plan import Precision
+
+    return QuantConfig(scheme, precision=Precision(os.environ.get(TARGETS_ENV, "all_linear")))
 
 
 def engine_options() -> dict:
@@ -36,10 +45,10 @@ def engine_options() -> dict:
 
 
 def main(model_dir: str, scheme: str, out_path: str, greedy: str = "1") -> None:
-    from qerl_rollout import QuantConfig, RolloutEngine
+    from qerl_rollout import RolloutEngine
     from qerl_rollout.rollout.engine import prepare_export
 
-    quant = QuantConfig(scheme)
+    quant = engine_quant(scheme)
     engine = RolloutEngine(model_dir, quant, max_model_len=256, export_dir=prepare_export(model_dir, quant),
                            **engine_options())
     with open(out_path, "w") as f:

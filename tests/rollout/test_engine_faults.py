@@ -43,7 +43,7 @@ class Recorder:
 
     def __init__(self, engine, fail_on_load=None):
         self.engine, self.fail_on_load, self.loads, self.names = engine, fail_on_load, 0, []
-        self.mode, self.scheme = engine.mode, engine.scheme
+        self.mode, self.scheme, self.precision = engine.mode, engine.scheme, engine.precision
 
     @property
     def version(self):

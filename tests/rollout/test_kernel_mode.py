@@ -36,12 +36,15 @@ from qerl_rollout.rollout.engine import kernel_supported, prepare_export, resolv
 from qerl_rollout.sync.merge import merged_named_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fresh_engine import TP_ENV, engine_numbers, engine_options  # noqa: E402
+from fresh_engine import TARGETS_ENV, TP_ENV, engine_numbers, engine_options, engine_quant  # noqa: E402
 from test_engine_sync import lora_policy  # noqa: E402
 
 FRESH = Path(__file__).with_name("fresh_engine.py")
-CASES = [("qwen3_moe", "int8", 1), ("qwen2_moe", "int8", 1), ("mixtral", "int8", 1), ("qwen3_moe", "bf16", 1),
-         ("qwen3_moe", "int8", 2)]
+# (family, scheme, TP, quant targets); the last: INT8 experts beside BF16 attention in one
+# engine (`rollout.quant_targets=experts`, per-module precision).
+CASES = [("qwen3_moe", "int8", 1, "all_linear"), ("qwen2_moe", "int8", 1, "all_linear"),
+         ("mixtral", "int8", 1, "all_linear"), ("qwen3_moe", "bf16", 1, "all_linear"),
+         ("qwen3_moe", "int8", 2, "all_linear"), ("qwen3_moe", "int8", 1, "experts")]
 TP_BIND = {2: "0|1"}   # one core per TP worker (vLLM-CPU's auto-bind wants a NUMA node per worker)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -113,13 +116,15 @@ def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path, b
     merged checkpoint written after each push. `beside`: a second engine of that scheme lives
     in the same process and takes the same pushes first (a run's rollout engine beside its
     BF16 baseline)."""
-    quant = QuantConfig(scheme)
+    quant = engine_quant(scheme)
     engine = RolloutEngine(model_dir, quant, max_model_len=256, export_dir=prepare_export(model_dir, quant),
                            **engine_options())
     neighbours = [RolloutEngine(model_dir, QuantConfig(beside), max_model_len=256,
                                 export_dir=prepare_export(model_dir, QuantConfig(beside)))] if beside else []
     mode = engine.mode
-    q_dtype = engine.manifest()["model.layers.0.self_attn.q_proj.weight"][1]
+    manifest = engine.manifest()
+    q_dtype = manifest["model.layers.0.self_attn.q_proj.weight"][1]
+    expert_dtype = next(dtype for name, (_, dtype) in manifest.items() if ".experts." in name and name.endswith(".weight"))
     policy = lora_policy(model_dir, family=family)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     sync = WeightSync(engine)
@@ -138,7 +143,7 @@ def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path, b
     engine.close()
     for other in neighbours:
         other.close()
-    return {"mode": mode, "q_dtype": str(q_dtype), "before": before, "pushed": pushed,
+    return {"mode": mode, "q_dtype": str(q_dtype), "expert_dtype": str(expert_dtype), "before": before, "pushed": pushed,
             "reports": reports, "checkpoints": checkpoints}
 
 
@@ -150,8 +155,9 @@ def _in_own_process(model_dir: Path, family: str, scheme: str, out_dir: Path, tp
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family, scheme, tp", CASES)
-def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme, tp):
+@pytest.mark.parametrize("family, scheme, tp, targets", CASES)
+def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, monkeypatch, family, scheme, tp, targets):
+    monkeypatch.setenv(TARGETS_ENV, targets)       # this process's engines and the fresh ones
     model_dir = tiny_model(family)
     if tp > 1:               # vLLM's TP workers are processes of their own, bound to cores
         got = _in_own_process(model_dir, family, scheme, tmp_path, tp)
@@ -165,7 +171,9 @@ def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, family, scheme, tp):
         got = push_three_times(model_dir, family, scheme, tmp_path, beside="int8")
     kernel = scheme == "int8" and int8_kernels_expected()
     assert got["mode"] == ("kernel" if kernel else "emulate")
-    assert got["q_dtype"] == str(torch.int8 if kernel else torch.bfloat16)
+    assert got["q_dtype"] == str(torch.int8 if kernel and targets != "experts" else torch.bfloat16)
+    if targets == "experts":   # the experts alone are INT8: attention stays BF16 in the engine
+        assert got["expert_dtype"] == str(torch.int8 if kernel else torch.bfloat16)
     reports, pushed = got["reports"], got["pushed"]
     assert [r["version"] for r in reports] == [1, 2, 3]
     assert [r["full"] for r in reports] == [True, False, False]

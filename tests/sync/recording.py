@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qerl_rollout.quant.plan import Precision
 from qerl_rollout.rl.policy import PolicyConfig
 
 
@@ -11,6 +12,7 @@ class RecordingReceiver:
     """A `WeightReceiver` that keeps every tensor it is sent (what a kernel engine would load)."""
 
     mode = "kernel"
+    precision = Precision()
 
     def __init__(self, scheme: str, manifest: dict):
         self.scheme, self._manifest, self.version = scheme, manifest, 0
