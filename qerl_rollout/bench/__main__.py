@@ -8,7 +8,8 @@ import sys
 BENCHMARKS = {"requant": "qerl_rollout.bench.requant", "sync": "qerl_rollout.bench.sync",
               "rollout": "qerl_rollout.bench.rollout", "gpu_requant": "qerl_rollout.bench.gpu_requant",
               "device_memory": "qerl_rollout.bench.device_memory",
-              "checkpoint_memory": "qerl_rollout.bench.checkpoint_memory"}
+              "checkpoint_memory": "qerl_rollout.bench.checkpoint_memory",
+              "sensitivity": "qerl_rollout.bench.sensitivity"}
 
 
 def main(argv: list[str]) -> int:
