@@ -51,17 +51,14 @@ def _layer(name: str) -> int | None:
 
 
 @torch.no_grad()
-def _score(model, input_ids: torch.Tensor, routers: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _score(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(positions, vocab) fp32 log-probs and (positions, layers, k) router top-k (None if dense)."""
-    seen = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out[-1])) for n, m in routers.items()]
-    try:
+    from qerl_rollout.rl.routing import recorded_routes
+
+    with recorded_routes(model) as seen:
         logits = model(input_ids=input_ids).logits.float()
-    finally:
-        for h in hooks:
-            h.remove()
     logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-    routes = torch.stack([seen[n].reshape(-1, seen[n].shape[-1]) for n in routers], dim=1) if routers else None
+    routes = torch.stack([t.reshape(-1, t.shape[-1]) for t in seen.values()], dim=1) if seen else None
     return logp, routes
 
 
@@ -92,15 +89,13 @@ def variants(plan, num_layers: int) -> dict[str, set[str]]:
 
 def sensitivity(model, scheme: str, input_ids: torch.Tensor) -> list[dict]:
     """One row per variant: its name, tensors swapped in, KL and router flip rate."""
-    from qerl_rollout.rl.routing import router_modules
     from qerl_rollout.wire.stream import qdq_named_tensors
 
     plan = build_plan(model.config, scheme)
     params = dict(model.named_parameters())
     qdq = {n: t for n, t in qdq_named_tensors(plan, scheme, ((n, p.detach()) for n, p in params.items()))
            if plan.decisions[n].quantized}
-    routers = router_modules(model)
-    reference = _score(model, input_ids, routers)
+    reference = _score(model, input_ids)
     rows = []
     for name, tensors in variants(plan, model.config.get_text_config().num_hidden_layers).items():
         saved = {n: params[n].detach().clone() for n in tensors}
@@ -108,7 +103,7 @@ def sensitivity(model, scheme: str, input_ids: torch.Tensor) -> list[dict]:
             with torch.no_grad():
                 for n in tensors:
                     params[n].copy_(qdq[n])
-            kl, flips = _compare(reference, _score(model, input_ids, routers))
+            kl, flips = _compare(reference, _score(model, input_ids))
         finally:
             with torch.no_grad():
                 for n, t in saved.items():

@@ -63,6 +63,20 @@ def router_modules(model: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+@contextmanager
+def recorded_routes(model: nn.Module):
+    """Inside: a dict that each forward fills with every router's top-k indices (tokens, k),
+    by plain router name in layer order (the last forward's). Outside, the hooks are gone."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[-1]))
+             for name, m in router_modules(model).items()]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # --- routing weights of given experts, per router family (what each router's forward does) ---
 
 def _softmax_then_gather(router: nn.Module, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

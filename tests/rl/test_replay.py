@@ -24,7 +24,7 @@ from one_step import batch, policy_config
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import Policy, PolicyConfig, TokenBatch
-from qerl_rollout.rl.routing import RouterHooks, router_modules
+from qerl_rollout.rl.routing import RouterHooks, recorded_routes, router_modules
 from qerl_rollout.rollout.types import Sample
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
@@ -48,15 +48,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def own_routes(policy: Policy, tokens: TokenBatch) -> torch.Tensor:
     """(B, T, layers, k) int16: the experts the policy's routers choose on `tokens`, -1 on padding."""
-    seen = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[-1]))
-             for name, m in router_modules(policy.model).items()]
-    try:
-        with torch.no_grad():
-            policy._forward(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
+    with recorded_routes(policy.model) as seen, torch.no_grad():
+        policy._forward(tokens)
     B, T = tokens.input_ids.shape
     routes = torch.stack([seen[n].reshape(B, T, -1) for n in seen], dim=2).to(torch.int16)
     routes[tokens.attention_mask == 0] = -1

@@ -20,7 +20,13 @@ from one_step import GRPO, batch, policy_config
 from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import Policy
-from qerl_rollout.rl.routing import RouterHooks, _layer_label, load_metrics, router_modules
+from qerl_rollout.rl.routing import (
+    RouterHooks,
+    _layer_label,
+    load_metrics,
+    recorded_routes,
+    router_modules,
+)
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe"]
 
@@ -41,15 +47,8 @@ def test_load_metrics_by_hand():
 def _routes_by_hand(policy: Policy, tokens) -> torch.Tensor:
     """(layers, experts) counts of one eval-free forward of `tokens`, hooked and masked here."""
     routers = router_modules(policy.model)
-    seen = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[-1]))
-             for name, m in routers.items()]
-    try:
-        with torch.no_grad():
-            policy._forward(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
+    with recorded_routes(policy.model) as seen, torch.no_grad():
+        policy._forward(tokens)
     real = tokens.attention_mask.reshape(-1).bool()
     experts = policy.routing.counts.shape[1]
     return torch.stack([torch.bincount(seen[n].reshape(-1, seen[n].shape[-1])[real].flatten(), minlength=experts)

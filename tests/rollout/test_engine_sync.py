@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
-from qerl_rollout.rl.routing import router_modules
+from qerl_rollout.rl.routing import recorded_routes
 from qerl_rollout.sync.merge import merged_named_tensors
 from qerl_rollout.sync.verify import VERIFY_TOL, Probe, reference_logprobs
 
@@ -63,15 +63,8 @@ def lora_policy(model_dir, seed=0, std=0.2, family=None):
 
 def policy_routes(policy, seq: list[int]) -> torch.Tensor:
     """(tokens, moe_layers, k): the experts `policy`'s routers choose for `seq`'s tokens."""
-    seen = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out[-1]))
-             for n, m in router_modules(policy).items()]
-    try:
-        with torch.no_grad():
-            policy(torch.tensor([seq]))
-    finally:
-        for h in hooks:
-            h.remove()
+    with recorded_routes(policy) as seen, torch.no_grad():
+        policy(torch.tensor([seq]))
     return torch.stack(list(seen.values()), dim=1).long()
 
 

@@ -72,19 +72,14 @@ PROMPTS = [[5 + (i * 7 + j) % 400 for j in range(6 + 9 * i)] for i in range(8)] 
 def _trainer_routes(model_dir, sequences) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from qerl_rollout.rl.routing import router_modules
+    from qerl_rollout.rl.routing import recorded_routes
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    routers = router_modules(model)
-    seen = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: seen.__setitem__(n, o[-1])) for n, m in routers.items()]
     out = []
-    with torch.no_grad():
+    with recorded_routes(model) as seen, torch.no_grad():
         for seq in sequences:
             model(torch.tensor([seq]))
-            out.append(torch.stack([seen[n] for n in routers], dim=1))
-    for h in hooks:
-        h.remove()
+            out.append(torch.stack(list(seen.values()), dim=1))
     return out
 
 
