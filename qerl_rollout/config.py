@@ -83,7 +83,11 @@ class RolloutConfig:
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
-        if self.precision != Precision() and self.scheme == "bf16":
+        try:
+            precision = self.precision
+        except ValueError as e:
+            raise ValueError(f"rollout.quant_targets / rollout.bf16_layers: {e}") from None
+        if precision != Precision() and self.scheme == "bf16":
             raise ValueError("rollout.quant_targets / rollout.bf16_layers choose what rollout.scheme "
                              "quantizes; the bf16 scheme quantizes nothing")
         if self.routing_replay not in ROUTING_REPLAY:

@@ -300,6 +300,8 @@ def test_a_run_quantizing_the_experts_alone(tmp_path):
         assert row["sync/verify_hash_ok"] == 1.0 and 0 <= row["sync/verify_max_dlogp"] < VERIFY_TOL
     with pytest.raises(ValueError, match="the bf16 scheme quantizes nothing"):
         load_config(["rollout.scheme=bf16", "rollout.bf16_layers=1"])
+    with pytest.raises(ValueError, match="rollout.quant_targets / rollout.bf16_layers: unknown quant targets 'mlp'"):
+        load_config(["rollout.quant_targets=mlp"])
 
 
 def test_eval_report_and_a_quiet_console(tmp_path):

@@ -54,7 +54,8 @@ class LocalPlacement:
             self.rollout = LocalRollout(model_dir, QuantConfig(r.scheme, r.mode, r.precision), **engine_options)
             self.trainer.connect("rollout", self.rollout.receiver, bucket_bytes=r.bucket_mb << 20)
             if with_baseline:
-                self.baseline = LocalRollout(model_dir, QuantConfig("bf16", r.mode), **engine_options)
+                self.baseline = LocalRollout(model_dir, QuantConfig("bf16", r.mode),
+                                             **{**engine_options, "return_routes": False})   # routes: rollout only
                 self.trainer.connect("baseline", self.baseline.receiver, bucket_bytes=r.bucket_mb << 20)
         except BaseException:
             self.close()

@@ -159,8 +159,8 @@ class RayPlacement:
             self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20,
                                  self.rollout.names, cfg.rollout.precision)
             if self.layout.baseline is not None:
-                self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16", engine_options,
-                                              name="baseline engine")
+                self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16",
+                                              {**engine_options, "return_routes": False}, name="baseline engine")
                 self.trainer.connect("baseline", self.baseline.workers, "bf16", cfg.rollout.bucket_mb << 20,
                                      self.baseline.names)
             self._write_workers(run_dir)
