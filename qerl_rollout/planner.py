@@ -143,8 +143,6 @@ def count(config: dict, policy_cfg, scheme: str, precision=None) -> Counts:
     stored = {d.name: (_stored_bytes(d, scheme), unit_of(d.checkpoint_names[0]))
               for d in plan.decisions.values() if d.checkpoint_names}
     changed = {unit for name, (_, unit) in stored.items() if name.rsplit(".", 1)[0] in adapted}
-    if any(u.endswith(".experts") for u in changed):   # experts travel all together (WeightSync)
-        changed |= {unit for _, unit in stored.values() if unit.endswith(".experts")}
     engine = sum(b for b, _ in stored.values())
     bf16_engine = sum(d.nbytes for d in plan.decisions.values() if d.checkpoint_names)
     delta = sum(b for b, unit in stored.values() if unit in changed)

@@ -21,15 +21,12 @@ How it works.
   once all of its tensors arrived), then `commit(v)`, which resets the prefix cache (cached KV
   of the old weights would otherwise be reused) and publishes version v. Before that it runs
   `clear_kernel_caches` in the engine process: zentorch (AMD Zen 4/5) caches reordered weights
-  by buffer address, which a reload reuses. Its linear cache is cleared after every reload,
-  its MoE cache only after a reload that carried experts. Measured on an AMD EPYC with
-  zentorch: flushing both after every push made full pushes, pushes carrying the experts, and
-  all INT8 pushes exact, but BF16 and emulate engines that took attention-only or norm-only
-  deltas (the experts untouched, their cache flushed) were 0.028-0.084 away from a fresh load;
-  the flush under unchanged BF16 experts is the one thing the stale pushes had alone (the
-  fix follows from that; it was not re-measured on such a machine, see the README). Because
-  that cache is one for every MoE layer, the sync sends all layers' experts or none
-  (`WeightSync._names_to_send`). `begin_update(v, digest=True)` also records a digest of
+  by buffer address, which a reload reuses, so both of its caches are cleared after every
+  reload. Its BF16 MoE prepack also permuted expert weights in place, which made that clear
+  corrupt every expert it did not reload (BF16 and emulate engines 0.03-0.16 from a fresh load
+  after attention-only and norm-only pushes, measured on an AMD EPYC Zen 4); engines run with
+  that prepack off (`EXACT_RELOAD_ENV`), under which every push is exact.
+  `begin_update(v, digest=True)` also records a digest of
   every tensor loaded (`received_digests`, the push check's exact half). `abort` after a
   partial load marks the engine broken: it refuses to generate until a push commits.
 - Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
@@ -56,7 +53,6 @@ shard the pushed checkpoint-format tensors; tested on CPU with TP 2
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
@@ -71,7 +67,7 @@ import torch
 from qerl_rollout.quant import SCHEMES, get_scheme
 from qerl_rollout.rollout.types import EngineStateError, QuantConfig, Sample
 from qerl_rollout.wire.bucket import digests
-from qerl_rollout.wire.stream import carries_experts, decode_payload
+from qerl_rollout.wire.stream import decode_payload
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +75,36 @@ log = logging.getLogger(__name__)
 def engine_env(kv_cache_gib: float | None = 1) -> dict[str, str]:
     """The environment this project's vLLM engines run with (the one home of these defaults):
     the engine core in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: weight reloads
-    take tensors directly) and, unless None, the CPU KV cache in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    take tensors directly), zentorch's grouped-GEMM cross-warm off (`EXACT_RELOAD_ENV`) and,
+    unless None, the CPU KV cache in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **EXACT_RELOAD_ENV}
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     return env
 
 
+# What exact weight pushes need from the kernels' environment, set over any other value.
+# zentorch 2.13.0.2 (AMD Zen, vLLM's Zen platform) runs BF16 MoE experts through ZenDNN's
+# grouped GEMM, whose ahead-of-time "cross-warm" prepack permutes the expert weights IN PLACE
+# on the first real forward (measured: every expert's w13/w2 bytes are a permutation of what
+# was loaded) and remembers that in its weight cache. Clearing that cache after a reload
+# (needed for INT8 linears and reloaded BF16 experts) then makes the next forward permute the
+# already-permuted experts of every layer that was not reloaded, in every engine of the process:
+# a BF16 engine served 0.098 (max |dlogp|) away from a fresh load after a norm-only push, with
+# no weight of the experts changed. With the cross-warm off the weights stay as loaded and
+# clearing both caches after every reload is exact (see `clear_kernel_caches`). Read once per
+# process by ZenDNN, at its first grouped GEMM: it must be set before an engine's first forward.
+EXACT_RELOAD_ENV = {"ZENDNNL_GRP_MATMUL_CROSS_WARM": "0"}
+
+
 def set_engine_env(kv_cache_gib: float | None = 1) -> None:
-    """`engine_env` into `os.environ` where not already set (an explicit environment wins);
-    call it before vLLM is imported."""
+    """`engine_env` into `os.environ` where not already set (an explicit environment wins),
+    except `EXACT_RELOAD_ENV`, which is set whatever was there (a warning says so); call it
+    before vLLM is imported."""
     for key, value in engine_env(kv_cache_gib).items():
+        if key in EXACT_RELOAD_ENV and os.environ.get(key, value) != value:
+            log.warning("%s=%s would serve weight pushes stale on zentorch; set to %s", key, os.environ[key], value)
+            os.environ[key] = value
         os.environ.setdefault(key, value)
 
 
@@ -218,22 +233,28 @@ def _zentorch_cache_ops() -> list:
     return found if len(found) == len(names) else []
 
 
-def clear_kernel_caches(model: torch.nn.Module | None = None, *, experts_reloaded: bool = True) -> int:
+def clear_kernel_caches(model: torch.nn.Module | None = None) -> int:
     """Drop kernel caches that key reordered weights by buffer address; returns how many ran.
 
-    vLLM's layerwise reload copies new values into the old parameter storage, and ZenDNN
-    (zentorch) caches its reordered copy of each weight by that storage's address, so after a
-    reload zentorch would keep computing with the old weights (linear and MoE, INT8 and
-    BF16: max |dlogp| 0.4-1.3 against a fresh load, measured on AMD EPYC). Clearing its
-    linear cache after every reload, and its MoE cache after a reload that carried experts,
-    restores exact equality with a fresh load. The MoE cache is left alone when no expert
-    changed (see the module docstring: flushing it under unchanged BF16 experts is what
-    served attention-only and norm-only pushes wrong). Runs in the engine process (through
-    `apply_model`, whose first argument it ignores); a no-op without zentorch.
+    vLLM's layerwise reload copies new values into the old parameter storage, and zentorch
+    (AMD Zen 4/5) keeps reordered copies keyed by that storage, so after a reload it computes
+    with the old weights unless its caches are dropped. Measured on an AMD EPYC (Zen 4,
+    zentorch 2.13.0.2, vLLM-CPU 0.32), max |dlogp| against a fresh load after a push that
+    changed only the named tensors, with each reset after the reload:
+
+    | reloaded | no reset | clear_weight_cache | flush_moe_weight_cache | both |
+    |---|---|---|---|---|
+    | BF16 attention | 0 | 0 | - | 0 |
+    | BF16 experts | 0.27 (old) | 0 | 0.27 (old) | 0 |
+    | INT8 attention | 0.58 (old) | 0 | - | 0 |
+    | INT8 experts | 0.27 (old) | 0.27 (old) | 0 | 0 |
+
+    so both run after every reload. That is exact only with `EXACT_RELOAD_ENV` (see there):
+    otherwise `clear_weight_cache` corrupts the BF16 experts that were not reloaded. Runs in
+    the engine process (through `apply_model`, whose first argument it ignores); a no-op
+    without zentorch.
     """
     ops = _zentorch_cache_ops()
-    if not experts_reloaded:
-        ops = ops[:1]            # zentorch_clear_weight_cache only
     for op in ops:
         op()
     return len(ops)
@@ -437,7 +458,7 @@ class RolloutEngine:
         self.llm = LLM(model=str(load_dir), **options)
         self.version = 0
         self._updating: int | None = None
-        self._loaded_in_update = self._experts_in_update = False
+        self._loaded_in_update = False
         self._digests_in_update = self._received_digests = None
         self._broken: str | None = None
         self._route_calls = 0
@@ -487,13 +508,11 @@ class RolloutEngine:
         self._digests_in_update = {} if digest else None
         self._updating = version
         self._loaded_in_update = False
-        self._experts_in_update = False
 
     def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         if self._updating is None:
             raise EngineStateError("load() outside begin_update()/commit()")
         self._loaded_in_update = True
-        self._experts_in_update |= carries_experts(name for name, _ in named_tensors)
         if self._digests_in_update is not None:
             self._digests_in_update.update(digests(named_tensors))
         if self.mode == "emulate" and self.quant.quantized:
@@ -505,8 +524,7 @@ class RolloutEngine:
         if self._updating != version:
             raise EngineStateError(f"commit({version}) does not match begin_update({self._updating})")
         if self._loaded_in_update:
-            self.llm.apply_model(functools.partial(clear_kernel_caches,
-                                                   experts_reloaded=self._experts_in_update))
+            self.llm.apply_model(clear_kernel_caches)
         self.llm.reset_prefix_cache()
         self.version = version
         self._updating = None

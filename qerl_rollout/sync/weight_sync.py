@@ -56,7 +56,6 @@ from qerl_rollout.wire.receiver import WeightReceiver
 from qerl_rollout.wire.stream import (
     NormTransform,
     all_finite,
-    carries_experts,
     encode_unit,
     pieces,
     unit_of,
@@ -224,16 +223,11 @@ class WeightSync:
         return self._plan
 
     def _names_to_send(self, plan: QuantPlan, changed: set[str], with_norms: bool) -> set[str]:
-        """Whole units of what changed (and every norm's with `with_norms`). Experts travel
-        all together or not at all: zentorch's MoE weight cache, flushed when experts reload,
-        is one cache for every MoE layer (see `rollout.engine.clear_kernel_caches`)."""
+        """Whole units of what changed (and every norm's with `with_norms`)."""
         unit_names = {unit_of(ck) for n in changed if n in plan.decisions
                       for ck in plan[n].checkpoint_names}
         if with_norms:
             unit_names |= self._units_of(plan, lambda d: d.category == "norm")
-        experts = self._units_of(plan, lambda d: carries_experts(d.checkpoint_names))
-        if unit_names & experts:
-            unit_names |= experts
         return {n for n, d in plan.decisions.items()
                 if any(unit_of(ck) in unit_names for ck in d.checkpoint_names)}
 

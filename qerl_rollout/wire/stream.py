@@ -72,15 +72,6 @@ def unit_of(checkpoint_name: str) -> str:
     return ".".join(parts)
 
 
-_EXPERT_TENSOR = re.compile(r"\.experts\.\d+\.")
-
-
-def carries_experts(names: Iterable[str]) -> bool:
-    """Whether checkpoint names include a fused-MoE expert tensor (`...mlp.experts.3.up_proj...`;
-    DeepSeek's `shared_experts` are plain linear layers and do not count)."""
-    return any(_EXPERT_TENSOR.search(n) for n in names)
-
-
 def layer_of(name: str) -> str:
     """`model.layers.3` for any tensor inside decoder layer 3, else '' (embeddings, head)."""
     m = _LAYER.match(name)

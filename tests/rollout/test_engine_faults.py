@@ -125,13 +125,13 @@ def _bump_lora(policy, where: str) -> None:
     assert bumped, where
 
 
-def test_experts_travel_all_together_and_only_their_pushes_flush_the_moe_cache(engine, tiny_qwen3_moe,
-                                                                               monkeypatch):
-    """zentorch (AMD Zen) has one MoE weight cache for every layer: flushing it while BF16
-    experts did not change served attention-only and norm-only pushes wrong on AMD EPYC
-    (0.028-0.084 from a fresh load), so a commit flushes it only when experts were loaded,
-    and a push that changes any layer's experts re-sends every layer's. zentorch is not on
-    every machine, so its two cache resets are recorded here instead of run."""
+def test_every_push_clears_both_kernel_caches_and_sends_only_what_changed(engine, tiny_qwen3_moe, monkeypatch):
+    """zentorch (AMD Zen) keeps reordered weights keyed by buffer address, which a reload
+    reuses: every commit that loaded something clears both of its caches (see
+    `clear_kernel_caches` for the measured table), and a push sends the units that changed, no
+    more. zentorch is not on every machine, so its two cache resets are recorded here; the
+    exactness they buy is measured by `test_a_kernel_cache_clear_leaves_the_served_weights_alone`
+    and the fresh-load tests wherever zentorch runs."""
     import qerl_rollout.rollout.engine as engine_module
 
     calls = []
@@ -148,13 +148,14 @@ def test_experts_travel_all_together_and_only_their_pushes_flush_the_moe_cache(e
     _bump_lora(policy, "layers.0.mlp.experts")   # only layer 0's experts change
     sync.push(policy)
     assert calls == ["clear_weight_cache", "flush_moe_weight_cache"]
-    assert {n.split(".mlp.experts.")[0] for n in rec.names if ".mlp.experts." in n} == \
-        {"model.layers.0", "model.layers.1"}
+    assert {n.split(".mlp.experts.")[0] for n in rec.names if ".mlp.experts." in n} == {"model.layers.0"}
     calls.clear()
-    _bump_lora(policy, "layers.1.self_attn.q_proj")   # attention only: the MoE cache stays
+    _bump_lora(policy, "layers.1.self_attn.q_proj")   # attention only
     sync.push(policy)
-    assert calls == ["clear_weight_cache"]
+    assert calls == ["clear_weight_cache", "flush_moe_weight_cache"]
     assert rec.names and not any(".experts." in n for n in rec.names)
+    calls.clear()
+    assert sync.push(policy).tensors_sent == 0 and calls == []      # nothing loaded, nothing cleared
 
 
 def test_wire_carries_compressed_fp8(engine, tiny_qwen3_moe):
@@ -248,3 +249,23 @@ def test_max_model_len_follows_the_model(tmp_path):
     engine = RolloutEngine(model_dir, QuantConfig("bf16"))   # 512, not the 1024 default
     assert engine.llm.llm_engine.model_config.max_model_len == 512
     engine.close()
+
+
+def test_a_kernel_cache_clear_leaves_the_served_weights_alone(tiny_qwen3_moe):
+    """The failure behind stale BF16 pushes on AMD + zentorch, reproduced without a push: on a
+    BF16 engine that has run a real forward, clearing zentorch's weight cache changed the
+    logprobs by 0.098 (its MoE prepack had permuted the expert weights in place; AMD EPYC Zen 4,
+    zentorch 2.13.0.2). Under the engine's environment (`EXACT_RELOAD_ENV`) the clear must change
+    nothing, exactly. Only where vLLM runs zentorch's kernels. Last in the module: closing an engine
+    ends vLLM's process-wide state that the shared engine uses."""
+    import qerl_rollout.rollout.engine as engine_module
+
+    if not engine_module._zentorch_cache_ops():
+        pytest.skip("zentorch's kernels are not in use on this CPU")
+    bf16 = RolloutEngine(tiny_qwen3_moe, QuantConfig("bf16"), seed=0)
+    try:
+        before = bf16.score(PROMPTS, RESPONSES)
+        assert bf16.llm.apply_model(engine_module.clear_kernel_caches) == [2]
+        assert bf16.score(PROMPTS, RESPONSES) == before
+    finally:
+        bf16.close()

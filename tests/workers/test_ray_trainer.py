@@ -62,9 +62,18 @@ def test_the_step_moved_the_weights(trainer):
     assert len(moved) == sum("lora_B" in n for n in lora)
 
 
+# One OpenMP thread per engine, whatever the driver did before Ray started. A vLLM engine run in
+# the driver sets LD_PRELOAD (torch's libgomp) in its environment, which the raylet and so every
+# later actor inherit: the engines then decode on 2 threads, and on AMD + zentorch a decode on 2
+# threads depends on the batch (measured: 1 vs 2 engines 0.004-0.006 apart in logprob with the
+# same tokens, scoring still equal). This test checks the pool's split and seeds, which needs
+# batch-invariant kernels: single-threaded ones are (0.0 measured on the same machine).
+ONE_THREAD = {"LD_PRELOAD": "", "OMP_NUM_THREADS": "1"}
+
+
 def _pool(model_dir, n: int) -> EnginePool:
     workers = [start_rollout_worker(model_dir, QuantConfig("fp8_block"), num_cpus=0.5, seed=0,
-                                    max_model_len=128) for _ in range(n)]
+                                    max_model_len=128, env_vars=ONE_THREAD) for _ in range(n)]
     return EnginePool(workers, [f"engine {i}" for i in range(n)])
 
 
