@@ -20,7 +20,7 @@ from qerl_rollout.rl.grpo import GRPOConfig
 from qerl_rollout.rl.mismatch import MismatchConfig
 from qerl_rollout.rl.policy import ROUTING_REPLAY, PolicyConfig
 from qerl_rollout.rollout.types import QUANT_MODES, QUANT_SCHEMES, QuantConfig  # noqa: F401 (re-exported)
-from qerl_rollout.sync.verify import VERIFY_TOL
+from qerl_rollout.sync.verify import VERIFY_MAX_TOL, VERIFY_TOL
 from qerl_rollout.tracking import TrackingConfig
 
 # --------------------------------------------------------------------------------------------
@@ -128,20 +128,23 @@ class SyncConfig:
     """The push check (`qerl_rollout.sync.verify`): does each engine serve what was pushed?
 
     verify_every:  check the first push and every N-th step's; 0: off.
-    verify_tol:    max |dlogp| of the engines' probe logprobs against the trainer's QDQ forward
-                   (measured kernel noise 0.002-0.03; stale layers 0.1-1.3).
+    verify_tol:    bound on the mean |dlogp| over the probe's tokens, the engines' against the
+                   trainer's QDQ forward (in sync <= 0.013, one layer wrong >= 0.038);
+    verify_max_tol: and on the max (a flipped router 0.134, stale >= 0.37); measured figures
+                   in `sync.verify`.
     verify_logits: the logits half, which copies the whole policy in the trainer process
                    (small models, one trainer rank); false: the exact hash half only.
     """
 
     verify_every: int = 50
     verify_tol: float = VERIFY_TOL
+    verify_max_tol: float = VERIFY_MAX_TOL
     verify_logits: bool = True
 
     def __post_init__(self):
-        if self.verify_every < 0 or self.verify_tol <= 0:
-            raise ValueError(f"sync.verify_every must be >= 0 (0: off) and sync.verify_tol > 0, got "
-                             f"{self.verify_every} and {self.verify_tol}")
+        if self.verify_every < 0 or self.verify_tol <= 0 or self.verify_max_tol <= 0:
+            raise ValueError(f"sync.verify_every must be >= 0 (0: off), sync.verify_tol and sync.verify_max_tol "
+                             f"> 0, got {self.verify_every}, {self.verify_tol} and {self.verify_max_tol}")
 
 
 @dataclass

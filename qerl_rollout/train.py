@@ -396,10 +396,10 @@ def _pushed_in_phase(placement, trainer, noise):
 def _push_check(cfg, placement):
     """The push check of this run's rollout engines (`sync.verify`; sync.verify_every=0: never due)."""
     from qerl_rollout.rollout.platform import platform_line
-    from qerl_rollout.sync.verify import PushCheck
+    from qerl_rollout.sync.verify import PushCheck, Tolerance
 
     s = cfg.sync
-    return PushCheck(s.verify_every, s.verify_tol, s.verify_logits, scheme=cfg.rollout.scheme,
+    return PushCheck(s.verify_every, Tolerance(s.verify_tol, s.verify_max_tol), s.verify_logits, scheme=cfg.rollout.scheme,
                      mode=placement.rollout.receiver.mode, platform=platform_line(short=True))
 
 

@@ -7,8 +7,10 @@ first 5 steps) to 1.00 (last 5), reaching 1.0 at step 20; with 25 steps (a faste
 LR) seeds 0-3 ended at 0.75-1.00 from 0.35-0.37. A rise > 0.3 and a final mean > 0.8 leave
 room, while a loop that does not learn fails both: without LoRA on lm_head the reward stayed
 at 0.30-0.45 (examples/README.md). The same run with rollout routing replay (R3) must learn
-as well (measured: 0.48 -> 1.00 on the Intel machine). The example script, which runs the
-same loop through `train.run`, gets a short run of its own.
+as well (measured: 0.48 -> 1.00 on the Intel machine). That R3 narrows the rollout/trainer gap
+is checked on one set of samples (tests/rollout/test_routes.py): across two runs it need not
+show, as each policy goes its own way. The example script, which runs the same loop through
+`train.run`, gets a short run of its own.
 """
 
 from __future__ import annotations
@@ -47,17 +49,6 @@ def test_the_train_command_learns(runs, replay):
     assert summary["reward_last5"] - summary["reward_first5"] > 0.3, summary
     assert summary["reward_last5"] > 0.8, summary
     assert Path(summary["report"]).is_file()
-
-
-def test_routing_replay_narrows_the_rollout_trainer_gap(runs):
-    """R3 scores logp_old with the engine's experts: the KL between the rollout and the trainer
-    falls (measured on an Intel Xeon with AMX: k3 mean over the 40 steps 2.2e-4 -> 5.2e-5)."""
-    def k3(replay):
-        rows = [json.loads(line) for line in (runs[replay] / "metrics.jsonl").read_text().splitlines()]
-        return sum(r["rollout_corr/k3_kl"] for r in rows) / len(rows)
-
-    print({replay: k3(replay) for replay in runs})
-    assert k3("r3") < k3("none")
 
 
 def test_the_example_runs_the_same_loop(tmp_path):
