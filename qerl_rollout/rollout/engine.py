@@ -22,10 +22,11 @@ How it works.
   of the old weights would otherwise be reused) and publishes version v. Before that it runs
   `clear_kernel_caches` in the engine process: zentorch (AMD Zen 4/5) caches reordered weights
   by buffer address, which a reload reuses, so both of its caches are cleared after every
-  reload. Its BF16 MoE prepack also permuted expert weights in place, which made that clear
-  corrupt every expert it did not reload (BF16 and emulate engines 0.03-0.16 from a fresh load
-  after attention-only and norm-only pushes, measured on an AMD EPYC Zen 4); engines run with
-  that prepack off (`EXACT_RELOAD_ENV`), under which every push is exact.
+  reload. Its default in-place weight cache also reordered BF16 expert weights inside their
+  buffers, which made that clear corrupt every expert it did not reload (BF16 and emulate
+  engines 0.03-0.16 from a fresh load after attention-only and norm-only pushes, measured on an
+  AMD EPYC Zen 4); engines run with its out-of-place cache (`EXACT_RELOAD_ENV`), under which
+  every push is exact.
   `begin_update(v, digest=True)` also records a digest of
   every tensor loaded (`received_digests`, the push check's exact half). `abort` after a
   partial load marks the engine broken: it refuses to generate until a push commits.
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 def engine_env(kv_cache_gib: float | None = 1) -> dict[str, str]:
     """The environment this project's vLLM engines run with (the one home of these defaults):
     the engine core in the caller's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: weight reloads
-    take tensors directly), zentorch's grouped-GEMM cross-warm off (`EXACT_RELOAD_ENV`) and,
+    take tensors directly), zentorch's out-of-place weight cache (`EXACT_RELOAD_ENV`) and,
     unless None, the CPU KV cache in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **EXACT_RELOAD_ENV}
     if kv_cache_gib is not None:
@@ -85,16 +86,18 @@ def engine_env(kv_cache_gib: float | None = 1) -> dict[str, str]:
 
 # What exact weight pushes need from the kernels' environment, set over any other value.
 # zentorch 2.13.0.2 (AMD Zen, vLLM's Zen platform) runs BF16 MoE experts through ZenDNN's
-# grouped GEMM, whose ahead-of-time "cross-warm" prepack permutes the expert weights IN PLACE
-# on the first real forward (measured: every expert's w13/w2 bytes are a permutation of what
-# was loaded) and remembers that in its weight cache. Clearing that cache after a reload
-# (needed for INT8 linears and reloaded BF16 experts) then makes the next forward permute the
-# already-permuted experts of every layer that was not reloaded, in every engine of the process:
-# a BF16 engine served 0.098 (max |dlogp|) away from a fresh load after a norm-only push, with
-# no weight of the experts changed. With the cross-warm off the weights stay as loaded and
-# clearing both caches after every reload is exact (see `clear_kernel_caches`). Read once per
-# process by ZenDNN, at its first grouped GEMM: it must be set before an engine's first forward.
-EXACT_RELOAD_ENV = {"ZENDNNL_GRP_MATMUL_CROSS_WARM": "0"}
+# grouped GEMM, whose default weight cache is "in-place" (type 2): on the first real forward it
+# reorders the expert weights inside their own buffers (measured: every expert's w13/w2 bytes
+# became a permutation of what was loaded) and remembers that in its cache. Clearing that cache
+# after a reload (needed for INT8 linears and reloaded experts) then makes the next forward
+# reorder the already-reordered experts of every layer that was not reloaded, in every engine of
+# the process: a BF16 engine moved 0.098 (max |dlogp|) after a clear with no push at all. With
+# the out-of-place cache (type 1) the weights stay as loaded and clearing both caches after every
+# reload is exact (see `clear_kernel_caches`); one more copy of each reordered weight is the cost,
+# and the speed is unchanged (bench rollout, 430M MoE, AMD EPYC Zen 4: INT8 1.50x BF16 in place,
+# 1.52x out of place; the same KL, so the same numbers). Read once per process by ZenDNN: set it
+# before an engine's first forward.
+EXACT_RELOAD_ENV = {"ZENDNNL_MATMUL_WEIGHT_CACHE": "1"}
 
 
 def set_engine_env(kv_cache_gib: float | None = 1) -> None:
