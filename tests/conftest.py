@@ -23,6 +23,24 @@ from qerl_rollout.tiny import FAMILIES, build_tiny_model
 MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 
 
+# The suite runs on 2 pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject's addopts). Each
+# test file runs whole in one worker, in its written order, with its module fixtures (several
+# files close their engines in their last test). The files that start local Ray clusters share
+# one worker, and go first: `ray.init()` without an address finds another process's running
+# cluster through /tmp/ray/ray_current_cluster and joins it or refuses `num_cpus`.
+RAY_FILES = ("tests/workers/", "tests/test_resume.py", "tests/test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        path = item.nodeid.split("::")[0]
+        return "ray" if path.startswith(RAY_FILES) else path
+
+    items.sort(key=lambda item: group(item) != "ray")     # stable: file order kept within each
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+
+
 def pytest_report_header(config):
     """The first line of a run names the machine: the suite must pass on each CPU kind."""
     from qerl_rollout.rollout.platform import platform_line
