@@ -31,6 +31,7 @@ MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 RAY_FILES = ("tests/workers/", "tests/test_resume.py", "tests/test_train.py")
 
 
+@pytest.hookimpl(tryfirst=True)     # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     def group(item) -> str:
         path = item.nodeid.split("::")[0]
