@@ -63,8 +63,9 @@ class RunState:
     wandb_id: str | None = None
 
 
-IDENTITY_KEYS = ("model", "task", "rollout.scheme", "rollout.quant_targets", "rollout.bf16_layers", "placement.mode",
-                 "rollout.num_engines", "rollout.tensor_parallel_size", "run.steps", "policy.warmup_steps")
+IDENTITY_KEYS = ("model", "task", "rollout.scheme", "rollout.quant_targets", "rollout.bf16_layers",
+                 "rollout.quant_overrides", "placement.mode", "rollout.num_engines",
+                 "rollout.tensor_parallel_size", "run.steps", "policy.warmup_steps")
 
 
 def identity(config: dict) -> dict:

@@ -76,19 +76,22 @@ class RolloutConfig:
     # experts (routed + shared), experts_attention (and attention), all_linear (and dense MLPs).
     quant_targets: str = "all_linear"
     bf16_layers: int = 0           # the first and last N decoder layers stay BF16 whole
+    # Module kind -> its own scheme instead of `scheme`, e.g. {experts: nvfp4, attention: fp8_block};
+    # kinds: experts, attention, dense_mlp (routers, lm_head, embeddings, norms: never quantized).
+    quant_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def precision(self) -> Precision:
-        return Precision(self.quant_targets, self.bf16_layers)
+        return Precision(self.quant_targets, self.bf16_layers, tuple(dict(self.quant_overrides).items()))
 
     def __post_init__(self):
         QuantConfig(self.scheme, self.mode)   # validates both
         try:
             precision = self.precision
         except ValueError as e:
-            raise ValueError(f"rollout.quant_targets / rollout.bf16_layers: {e}") from None
+            raise ValueError(f"rollout.quant_targets / bf16_layers / quant_overrides: {e}") from None
         if precision != Precision() and self.scheme == "bf16":
-            raise ValueError("rollout.quant_targets / rollout.bf16_layers choose what rollout.scheme "
+            raise ValueError("rollout.quant_targets / bf16_layers / quant_overrides choose what rollout.scheme "
                              "quantizes; the bf16 scheme quantizes nothing")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(f"rollout.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")

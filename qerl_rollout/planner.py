@@ -207,7 +207,7 @@ def _stored_bytes(decision, scheme: str) -> int:
     shape = decision.shape
     experts, n, k = (shape[0], shape[1], shape[2]) if len(shape) == 3 else (1, shape[0], shape[1])
     per = len(decision.checkpoint_names) // experts      # fused gate/up: 2 tensors per expert
-    return experts * per * get_scheme(scheme).nbytes(n // per, k)
+    return experts * per * get_scheme(decision.scheme).nbytes(n // per, k)
 
 
 def plan(cfg, counts: Counts, gpu_gib: float = 80.0, gbps: float = 10.0) -> Plan:

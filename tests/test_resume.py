@@ -66,6 +66,9 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
     assert "cannot resume: run.steps differs from the checkpointed run (6 there, 9 now)" in capsys.readouterr().err
     assert train.main([*resume, "placement.mode=split"]) == 2
     assert "cannot resume: placement.mode differs" in capsys.readouterr().err
+    assert train.main([*resume, "rollout.quant_overrides.experts=nvfp4"]) == 2
+    assert ("cannot resume: rollout.quant_overrides differs from the checkpointed run ({} there, "
+            "{'experts': 'nvfp4'} now)") in capsys.readouterr().err
     import ray
 
     assert not ray.is_initialized()
@@ -87,15 +90,18 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, capsys):
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["steps"] == 6
 
 
+# Per-module precision too: NVFP4 experts beside the scheme's FP8 attention (`quant_overrides`).
 SPLIT = ["run.steps=4", "run.save_every=2", "rollout.prompts_per_step=4", "rollout.routing_replay=r3",
-         "placement.mode=split", "trainer.num_workers=2", "rollout.num_engines=2", "eval.every=0",
-         "tracking.wandb_mode=disabled"]
+         "rollout.quant_overrides.experts=nvfp4", "placement.mode=split", "trainer.num_workers=2",
+         "rollout.num_engines=2", "eval.every=0", "tracking.wandb_mode=disabled"]
 
 
 def test_a_killed_split_run_with_two_workers_and_two_engines_resumes_exactly(tmp_path):
     """The same on Ray: 2 FSDP2 ranks that each wrote and now read their own shards of the
     trainer state, and 2 engines pushed the restored policy; SIGKILL takes the driver, and
-    with it the actors (Ray ends the workers of a dead driver)."""
+    with it the actors (Ray ends the workers of a dead driver). The engines hold NVFP4 experts
+    and FP8 attention, and the push check passes on the first push: its hash half (a sharded
+    trainer holds no whole policy for the logits half's QDQ reference)."""
     assert train.main([f"run.output_dir={tmp_path}", "tracking.run_name=full", *SPLIT]) == 0
     full = read_metrics(tmp_path / "full")
     logged_when_killed = _kill_after_first_checkpoint(tmp_path, "killed", SPLIT)
@@ -107,6 +113,7 @@ def test_a_killed_split_run_with_two_workers_and_two_engines_resumes_exactly(tmp
         assert {k: mine[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}, mine["step"]
     # After the resume's full push, step 3's is the delta the uninterrupted run sent.
     assert rows[2]["sync/mb"] == full[2]["sync/mb"]
+    assert rows[0]["sync/verify_hash_ok"] == 1.0 and "sync/verify_mean_dlogp" not in rows[0]
 
 
 def test_a_corrupt_or_partial_checkpoint_is_skipped_for_the_previous_good_one(tmp_path, caplog):

@@ -203,9 +203,9 @@ def _corrupt_after_arrival(engine_module, monkeypatch):
     cache looks like from outside): the hash half passes, the logits half must not."""
     decode = engine_module.decode_payload
 
-    def decode_wrong(payload, scheme, shapes):
+    def decode_wrong(payload, plan, shapes):
         return [(n, t * 2 if n == "model.layers.0.self_attn.o_proj.weight" else t)
-                for n, t in decode(payload, scheme, shapes)]
+                for n, t in decode(payload, plan, shapes)]
 
     monkeypatch.setattr(engine_module, "decode_payload", decode_wrong)
 
@@ -311,19 +311,25 @@ def test_runs_that_used_to_crash(tmp_path, overrides):
         assert rows[1]["router/topk_agreement"] >= 0.95 and rows[1]["router/flip_rate"] <= 0.1
 
 
-def test_a_run_quantizing_the_experts_alone(tmp_path):
-    """Per-module precision end to end: fp8_block experts, BF16 attention. The engine holds what
-    the trainer's QDQ reference of the same precision holds (the push check, both halves)."""
+@pytest.mark.parametrize("precision", ["rollout.quant_targets=experts", "rollout.quant_overrides.experts=nvfp4"])
+def test_a_run_with_per_module_precision(tmp_path, precision):
+    """Per-module precision end to end: fp8_block experts beside BF16 attention, or NVFP4
+    experts beside fp8_block attention. The engine holds what the trainer's QDQ reference of the
+    same precision holds (the push check, both halves, on every push)."""
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=2", "rollout.prompts_per_step=2",
-            "rollout.quant_targets=experts", "sync.verify_every=1", "tracking.wandb_mode=disabled"]
+            precision, "sync.verify_every=1", "tracking.wandb_mode=disabled"]
     assert train.main(argv) == 0
     rows = read_metrics(tmp_path / "r")
     for row in rows:
         assert row["sync/verify_hash_ok"] == 1.0 and 0 <= row["sync/verify_mean_dlogp"] < VERIFY_TOL
     with pytest.raises(ValueError, match="the bf16 scheme quantizes nothing"):
         load_config(["rollout.scheme=bf16", "rollout.bf16_layers=1"])
-    with pytest.raises(ValueError, match="rollout.quant_targets / rollout.bf16_layers: unknown quant targets 'mlp'"):
+    with pytest.raises(ValueError, match="rollout.quant_targets / bf16_layers / quant_overrides: unknown quant targets 'mlp'"):
         load_config(["rollout.quant_targets=mlp"])
+    with pytest.raises(ValueError, match="quant_overrides router=int8: router is never quantized"):
+        load_config(["rollout.quant_overrides.router=int8"])
+    with pytest.raises(ValueError, match="the bf16 scheme quantizes nothing"):
+        load_config(["rollout.scheme=bf16", "rollout.quant_overrides.experts=int8"])
 
 
 def test_eval_report_and_a_quiet_console(tmp_path):

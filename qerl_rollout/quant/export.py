@@ -14,7 +14,8 @@ a failure (NaN/Inf in a weight, a bad dtype, ...) leaves nothing behind.
 
 The `quantization_config` has one config group, the scheme's own (`QuantScheme.config_group`:
 what compressed-tensors' FP8_BLOCK, FP8_DYNAMIC or NVFP4A16 preset serializes to), targeting
-"Linear", and an `ignore` list of anchored `re:`
+"Linear" (plus one group per other scheme of `rollout.quant_overrides`, targeting its modules
+by name: `quantization_config`), and an `ignore` list of anchored `re:`
 patterns for every exempt linear-like module (routers, shared-expert gates, lm_head, embeddings),
 because vLLM's "Linear" target also matches router layers.
 
@@ -133,7 +134,7 @@ def export_key(model_dir: Path, scheme: str, precision: Precision | None = None)
     plan = build_plan_from_checkpoint(model_dir, scheme, precision)
     parts = [str(model_dir), scheme, f"format {EXPORT_FORMAT}",
              json.dumps(quantization_config(plan), sort_keys=True)]
-    parts += [f"{d.name}:{d.quantized}:{d.shape}" for d in sorted(plan.decisions.values(), key=lambda d: d.name)]
+    parts += [f"{d.name}:{d.scheme}:{d.shape}" for d in sorted(plan.decisions.values(), key=lambda d: d.name)]
     for f in _safetensors_files(model_dir) + [model_dir / "config.json"]:
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
@@ -258,7 +259,8 @@ def quantize_unit(
             yield name, t
             continue
         module = name.removesuffix(".weight")
-        for suffix, part in quantize(t, plan.scheme, global_amax=global_amax[name]).compressed().items():
+        scheme = plan.for_checkpoint(name).scheme
+        for suffix, part in quantize(t, scheme, global_amax=global_amax[name]).compressed().items():
             yield f"{module}.{suffix}", part
 
 
@@ -344,13 +346,22 @@ def _copy_side_files(model_dir: Path, out: Path) -> None:
 
 
 def quantization_config(plan: QuantPlan) -> dict:
-    """The config.json `quantization_config` for `plan` (compressed-tensors format)."""
-    scheme = get_scheme(plan.scheme)
+    """The config.json `quantization_config` for `plan` (compressed-tensors format).
+
+    One group per scheme. The plan's own scheme targets "Linear"; each other scheme
+    (`quant_overrides`) targets its modules by anchored `re:` patterns, which vLLM matches
+    before class names (`find_matched_target`), and each group names its own format (the
+    top-level one is then compressed-tensors' "mixed-precision")."""
+    schemes = plan.schemes() or [plan.scheme]
+    groups = {"group_0": get_scheme(schemes[0]).config_group(["Linear"])}
+    for i, scheme in enumerate(schemes[1:], 1):
+        groups[f"group_{i}"] = get_scheme(scheme).config_group(plan.module_patterns(scheme))
+    formats = {get_scheme(s).format for s in schemes}
     return {
         "quant_method": "compressed-tensors",
-        "format": scheme.format,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": scheme.config_group(["Linear"])},
+        "config_groups": groups,
         "ignore": plan.ignore_patterns(),
         "kv_cache_scheme": None,
     }

@@ -35,9 +35,15 @@ routed and shared experts; `experts_attention`: and attention; `all_linear`, the
 dense MLPs too, every decoder-layer linear) and the first and last `bf16_layers` decoder layers
 stay BF16 whole (NeMo RL's recipe). The rest gets the plan's one scheme. What is kept BF16 this
 way says why in its reason, and is in the export's ignore list like any exempt module; a
-precision that leaves nothing quantized is refused (use the bf16 scheme).
+precision that leaves nothing quantized is refused (use the bf16 scheme). `overrides`
+(`rollout.quant_overrides`) give a module kind (`experts`, `attention`, `dense_mlp`) its own
+scheme instead of the plan's (for example experts nvfp4 + attention fp8_block); each quantized
+decision carries its scheme (`TensorDecision.scheme`). An override is by kind, never by
+tensor, so the tensors vLLM fuses into one layer (q/k/v, gate/up) always share a scheme.
+Routers, shared-expert gates, lm_head, embeddings and norms are not a kind an override can
+name: they stay BF16 whatever the config says, and naming one is refused.
 
-Left out: several schemes in one plan (`quant_overrides`), conversion operations other than merge/concatenate (e.g. transposes, qwen3_vl_moe),
+Left out: conversion operations other than merge/concatenate (e.g. transposes, qwen3_vl_moe),
 vision towers and MTP heads (they fall into `other`, exempt), and per-scheme shape limits
 (the quantizer raises on a shape it cannot handle).
 """
@@ -93,19 +99,47 @@ QUANT_TARGETS = {
 }
 
 
+# The module kinds `Precision.overrides` may give their own scheme, and their categories.
+OVERRIDE_KINDS = {
+    "experts": ("expert", "shared_expert"),
+    "attention": ("attention",),
+    "dense_mlp": ("dense_mlp",),
+}
+# Names a user may reach for that are never quantized (refused by `Precision`, with why).
+NEVER_QUANTIZED = ("router", "gate", "shared_expert_gate", "lm_head", "embedding", "embed_tokens",
+                   "norm", "bias")
+
+
 @dataclass(frozen=True)
 class Precision:
-    """Which quantizable tensors a plan quantizes: the categories of `targets` (`QUANT_TARGETS`),
-    outside the first and last `bf16_layers` decoder layers (module docstring)."""
+    """Which quantizable tensors a plan quantizes, and in which scheme: the categories of
+    `targets` (`QUANT_TARGETS`), outside the first and last `bf16_layers` decoder layers, in
+    the plan's scheme unless `overrides` ((kind, scheme) pairs, `OVERRIDE_KINDS`) name
+    another for their kind (module docstring)."""
 
     targets: str = "all_linear"
     bf16_layers: int = 0
+    overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.targets not in QUANT_TARGETS:
             raise ValueError(f"unknown quant targets {self.targets!r}; choose from {sorted(QUANT_TARGETS)}")
         if self.bf16_layers < 0:
             raise ValueError(f"bf16_layers must be >= 0, got {self.bf16_layers}")
+        object.__setattr__(self, "overrides", tuple(sorted((str(k), str(v)) for k, v in dict(self.overrides).items())))
+        for kind, scheme in self.overrides:
+            _check_override(kind, scheme, self.targets)
+
+    @property
+    def override_schemes(self) -> tuple[str, ...]:
+        return tuple(sorted({scheme for _, scheme in self.overrides}))
+
+    def scheme_for(self, category: str, default: str) -> str:
+        """The scheme a quantized tensor of `category` gets: its kind's override, or `default`."""
+        for kind, scheme in self.overrides:
+            if category in OVERRIDE_KINDS[kind]:
+                return scheme
+        return default
 
     def kept_bf16(self, category: str, layer: int | None, num_layers: int) -> str | None:
         """Why a quantizable tensor of `category` in decoder layer `layer` stays BF16, or None."""
@@ -116,9 +150,27 @@ class Precision:
         return None
 
 
+def _check_override(kind: str, scheme: str, targets: str) -> None:
+    """One line for each way an override can be wrong (unknown kind, a never-quantized module,
+    an unknown or bf16 scheme, a kind its targets leave BF16)."""
+    where = f"quant_overrides {kind}={scheme}"
+    if kind in NEVER_QUANTIZED:
+        raise ValueError(f"{where}: {kind} is never quantized (routers, shared-expert gates, lm_head, "
+                         f"embeddings and norms stay BF16); override one of {sorted(OVERRIDE_KINDS)}")
+    if kind not in OVERRIDE_KINDS:
+        raise ValueError(f"{where}: unknown module kind {kind!r}; choose from {sorted(OVERRIDE_KINDS)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{where}: unknown scheme {scheme!r}; choose from {sorted(SCHEMES)} "
+                         "(to keep a kind BF16, leave it out of quant_targets)")
+    if not set(OVERRIDE_KINDS[kind]) & set(QUANT_TARGETS[targets]):
+        raise ValueError(f"{where}: quant_targets={targets} keeps {kind} BF16; add it to the targets "
+                         "or drop the override")
+
+
 @dataclass(frozen=True)
 class TensorDecision:
-    """What happens to one trainer tensor (a parameter or persistent buffer)."""
+    """What happens to one trainer tensor (a parameter or persistent buffer); `scheme` is the
+    one it is quantized with (None when it is not)."""
 
     name: str
     category: str
@@ -127,6 +179,7 @@ class TensorDecision:
     shape: tuple[int, ...]
     dtype: torch.dtype
     checkpoint_names: tuple[str, ...]
+    scheme: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -208,6 +261,11 @@ class QuantPlan:
             out[name] = torch.stack(members).amax()
         return out
 
+    def schemes(self) -> list[str]:
+        """The schemes this plan quantizes with, the plan's own first (one unless overridden)."""
+        used = {d.scheme for d in self.decisions.values() if d.quantized}
+        return sorted(used, key=lambda s: (s != self.scheme, s))
+
     def quantized(self) -> list[TensorDecision]:
         return [d for d in self.decisions.values() if d.quantized]
 
@@ -253,25 +311,23 @@ class QuantPlan:
     def ignore_patterns(self) -> list[str]:
         """Anchored `re:` patterns for every exempt 2-D module, as vLLM names modules.
 
-        Layer indices are folded into `\\d+` only when the folded pattern matches no quantized
-        module; otherwise the pattern stays per layer.
+        Layer (and expert) indices are folded into `\\d+` only when the folded pattern matches
+        no quantized module; otherwise the pattern stays per layer.
         """
-        quantized_modules = [_module_of(ck) for d in self.quantized() for ck in d.checkpoint_names]
-        patterns: list[str] = []
-        for d in self.exempt():
-            if len(d.shape) < 2:
-                continue
-            for ck in d.checkpoint_names:
-                pattern = _anchored_pattern(_module_of(ck), quantized_modules)
-                if pattern not in patterns:
-                    patterns.append(pattern)
-        return patterns
+        return _patterns([d for d in self.exempt() if len(d.shape) >= 2], self.quantized())
+
+    def module_patterns(self, scheme: str) -> list[str]:
+        """Anchored `re:` patterns for the modules quantized with `scheme` (a `quant_overrides`
+        group's targets), folded as in `ignore_patterns` where no other module matches."""
+        mine = [d for d in self.quantized() if d.scheme == scheme]
+        return _patterns(mine, [d for d in self.decisions.values() if d.scheme != scheme])
 
     def summary(self, file=None) -> str:
         """A table of tensor counts and BF16 bytes per category, quantized vs exempt."""
         rows = _summary_rows(self.decisions.values())
         lines = [
-            f"QuantPlan {self.model_type} scheme={self.scheme}",
+            f"QuantPlan {self.model_type} scheme={self.scheme}"
+            + "".join(f" {kind}={scheme}" for kind, scheme in self.precision.overrides),
             f"{'category':<20}{'quantized':>10}{'q_bytes':>14}{'exempt':>10}{'e_bytes':>14}",
         ]
         for cat, (nq, bq, ne, be) in rows.items():
@@ -317,7 +373,8 @@ def build_plan(model_or_config, scheme: str, precision: Precision | None = None)
         else:
             ck_names = (naming.to_checkpoint(name),)
         decisions[name] = TensorDecision(
-            name, category, quantized, reason, tuple(tensor.shape), tensor.dtype, ck_names
+            name, category, quantized, reason, tuple(tensor.shape), tensor.dtype, ck_names,
+            precision.scheme_for(category, scheme) if quantized else None,
         )
     if precision != Precision() and not any(d.quantized for d in decisions.values()):
         raise ValueError(f"quant_targets={precision.targets} with bf16_layers={precision.bf16_layers} "
@@ -632,12 +689,19 @@ def _fused_groups(quantized_checkpoint_names: list[str]) -> tuple[tuple[str, ...
 _LAYER_INDEX = re.compile(r"(?<=\\\.)\d+(?=\\\.)")
 
 
-def _anchored_pattern(module: str, quantized_modules: list[str]) -> str:
-    exact = "^" + re.escape(module) + "$"
-    folded = _LAYER_INDEX.sub(r"\\d+", exact)
-    if folded != exact and not any(re.match(folded, q) for q in quantized_modules):
-        return "re:" + folded
-    return "re:" + exact
+def _patterns(decisions: list[TensorDecision], others: list[TensorDecision]) -> list[str]:
+    """Anchored `re:` patterns matching the modules of `decisions` and none of `others`'."""
+    other_modules = [_module_of(ck) for d in others for ck in d.checkpoint_names]
+    patterns: dict[str, None] = {}          # ordered set
+    folds: dict[str, bool] = {}             # folded pattern -> matches none of the others
+    for d in decisions:
+        for ck in d.checkpoint_names:
+            exact = "^" + re.escape(_module_of(ck)) + "$"
+            folded = _LAYER_INDEX.sub(r"\\d+", exact)
+            if folded != exact and folded not in folds:
+                folds[folded] = not any(re.match(folded, q) for q in other_modules)
+            patterns["re:" + (folded if folds.get(folded) else exact)] = None
+    return list(patterns)
 
 
 def _summary_rows(decisions) -> dict[str, tuple[int, int, int, int]]:

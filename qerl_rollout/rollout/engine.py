@@ -264,10 +264,16 @@ def clear_kernel_caches(model: torch.nn.Module | None = None) -> int:
 
 
 def resolve_mode(quant: QuantConfig) -> str:
-    """`kernel` or `emulate` for this platform; `auto` picks kernel where supported."""
-    ok, why = kernel_supported(quant.scheme)
+    """`kernel` or `emulate` for this platform; `auto` picks kernel where supported. One engine
+    runs one mode: kernel only if every scheme it holds (`QuantConfig.schemes`: the scheme and
+    its `quant_overrides`) has its kernel here."""
+    ok, why = True, ""
+    for scheme in quant.schemes:
+        ok, why = kernel_supported(scheme)
+        if not ok:
+            break
     if quant.mode == "kernel" and not ok:
-        raise ValueError(f"kernel mode for {quant.scheme} is not available: {why}")
+        raise ValueError(f"kernel mode for {'+'.join(quant.schemes)} is not available: {why}")
     if quant.mode == "auto":
         mode = "kernel" if ok and quant.quantized else "emulate"
         if mode == "emulate" and quant.scheme in _CPU_KERNEL_SCHEMES and quant.scheme not in _warned_fallback:
@@ -491,7 +497,7 @@ class RolloutEngine:
         from qerl_rollout.wire.bucket import buckets
         from qerl_rollout.wire.stream import Piece, encode_unit, units
 
-        plan = build_plan_from_checkpoint(self.model_dir, self.scheme, self.precision)
+        plan = self._plan = build_plan_from_checkpoint(self.model_dir, self.scheme, self.precision)
         stream = (Piece((name, ), t, name) for name, t in checkpoint_stream(self.model_dir))
         encoded = (encode_unit(u, plan, self.scheme) for u in units(stream))
         self.begin_update(0)
@@ -519,7 +525,7 @@ class RolloutEngine:
         if self._digests_in_update is not None:
             self._digests_in_update.update(digests(named_tensors))
         if self.mode == "emulate" and self.quant.quantized:
-            named_tensors = decode_payload(named_tensors, self.scheme, self._shapes)
+            named_tensors = decode_payload(named_tensors, self._plan, self._shapes)
         with _quiet_partial_reload():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
 

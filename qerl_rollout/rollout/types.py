@@ -36,10 +36,19 @@ class QuantConfig:
             raise ValueError(f"unknown quant scheme {self.scheme!r}; choose from {QUANT_SCHEMES}")
         if self.mode not in QUANT_MODES:
             raise ValueError(f"unknown quant mode {self.mode!r}; choose from {QUANT_MODES}")
+        if self.precision.overrides and not self.quantized:
+            raise ValueError("quant_overrides give module kinds another scheme than rollout.scheme; "
+                             "the bf16 scheme quantizes nothing")
 
     @property
     def quantized(self) -> bool:
         return self.scheme != "bf16"
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """Every scheme the engine holds: `scheme`, then its overrides' (`Precision.overrides`)."""
+        extra = [s for s in self.precision.override_schemes if s != self.scheme]
+        return (self.scheme, *extra)
 
 
 @dataclass

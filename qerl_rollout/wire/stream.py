@@ -146,12 +146,17 @@ def _split(piece: Piece, tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def quantize_unit(unit: Unit, plan: QuantPlan, scheme: str,
                   row_amax_reduce: AmaxReduce | None = None) -> list[tuple[Piece, QuantizedWeight | None]]:
-    """Each piece of a unit with its `QuantizedWeight` (None for exempt pieces or `bf16`)."""
-    quantized = [p for p in unit.pieces if scheme != "bf16" and plan.for_checkpoint(p.names[0]).quantized]
-    shared = bool(quantized) and get_scheme(scheme).group_global_scale
+    """Each piece of a unit with its `QuantizedWeight` (None for exempt pieces, or all of them
+    when the engine's `scheme` is `bf16`), each in its decision's scheme (`quant_overrides`).
+
+    A unit is one module kind, so its quantized pieces share a scheme; the NVFP4 global amax
+    is computed only when that scheme has one."""
+    schemes = {} if scheme == "bf16" else {
+        id(p): d.scheme for p in unit.pieces if (d := plan.for_checkpoint(p.names[0])).quantized}
+    quantized = [p for p in unit.pieces if id(p) in schemes]
+    shared = any(get_scheme(s).group_global_scale for s in schemes.values())
     group_amax = _group_amax(plan, quantized, row_amax_reduce) if shared else None
-    quantized_ids = {id(p) for p in quantized}
-    return [(p, _quantize_piece(p, scheme, group_amax) if id(p) in quantized_ids else None)
+    return [(p, _quantize_piece(p, schemes[id(p)], group_amax) if id(p) in schemes else None)
             for p in unit.pieces]
 
 
@@ -227,13 +232,15 @@ def _is_compressed(key: str, t: torch.Tensor) -> bool:
 
 def decode_payload(
     payload: Iterable[tuple[str, torch.Tensor]],
-    scheme: str,
+    plan: QuantPlan,
     shapes: dict[str, tuple[int, ...]],
 ) -> list[tuple[str, torch.Tensor]]:
     """Compressed layers -> `x.weight` dequantized to BF16; other tensors pass through.
 
-    `shapes` maps each `x.weight` to its BF16 shape (the engine's manifest), which packed
-    formats cannot recover on their own. Order follows the first tensor of each layer.
+    Each layer is decoded in its scheme in the engine's `plan` (`quant_overrides` may give
+    kinds different ones); a compressed layer the plan does not quantize raises. `shapes`
+    maps each `x.weight` to its BF16 shape (the engine's manifest), which packed formats
+    cannot recover on their own. Order follows the first tensor of each layer.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     order: list[tuple[str, torch.Tensor | None]] = []
@@ -251,6 +258,14 @@ def decode_payload(
         if t is None:
             base = name.removesuffix(".weight")
             shape = tuple(shapes[name])
-            t = QuantizedWeight(scheme, shape, torch.bfloat16, groups[base]).dequantize()
+            t = QuantizedWeight(_scheme_of(plan, name), shape, torch.bfloat16, groups[base]).dequantize()
         out.append((name, t))
     return out
+
+
+def _scheme_of(plan: QuantPlan, checkpoint_name: str) -> str:
+    decision = plan.for_checkpoint(checkpoint_name)
+    if not decision.quantized:
+        raise ValueError(f"{checkpoint_name} arrived compressed but the engine's plan keeps it BF16 "
+                         f"({decision.reason})")
+    return decision.scheme

@@ -314,3 +314,56 @@ def test_cli(tiny_model, tmp_path, capsys):
     assert cli_main(args + ["--overwrite"]) == 0
     with pytest.raises(SystemExit):
         cli_main(["--model", "x", "--scheme", "int4", "--out", "y"])
+
+
+def test_a_mixed_export_holds_each_kinds_single_scheme_export(tiny_model, exported, tmp_path):
+    """`rollout.quant_overrides` in one checkpoint: each module's tensors are byte for byte
+    those of the single-scheme export of its scheme (each bit-exact with compressed-tensors
+    above), the config has one group per scheme, and vLLM maps every layer to its group."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    from qerl_rollout.quant.plan import Precision
+
+    family = "deepseek_v3"           # attention (MLA), a dense MLP layer, routed + shared experts
+    precision = Precision(overrides=(("experts", "nvfp4"), ("dense_mlp", "int8")))
+    out = tmp_path / "mixed"
+    export_checkpoint(tiny_model(family), out, "fp8_block", progress=False, precision=precision)
+    plan = build_plan_from_checkpoint(tiny_model(family), "fp8_block", precision)
+    written = _read_all(out)
+    single = {s: _read_all(exported(family, s)) for s in ("fp8_block", "nvfp4", "int8")}
+    kinds = set()
+    for name in plan.checkpoint_names():
+        d = plan.for_checkpoint(name)
+        scheme = d.scheme or "fp8_block"    # exempt tensors: the same in every export
+        keys = [f"{name.removesuffix('.weight')}.{k}" for k in COMPRESSED_KEYS[scheme]] if d.quantized else [name]
+        for key in keys:
+            assert written[key].dtype == single[scheme][key].dtype, key
+            assert torch.equal(written[key], single[scheme][key]), key
+        kinds.add((d.category, d.scheme))
+    assert {("expert", "nvfp4"), ("shared_expert", "nvfp4"), ("dense_mlp", "int8"),
+            ("attention", "fp8_block"), ("router", None)} <= kinds
+
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision" and len(qc["config_groups"]) == 3
+    QuantizationConfig.model_validate(qc)       # compressed-tensors accepts it
+    cfg = CompressedTensorsConfig.from_config(qc)
+    cfg.packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"],
+                                  "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]}
+    layer = torch.nn.Linear(1, 1)
+
+    def weights_of(vllm_name):
+        scheme_dict = cfg.get_scheme_dict(layer, vllm_name)
+        return None if scheme_dict is None else scheme_dict["weights"]
+
+    groups = {s: QuantizationConfig.model_validate(json.loads((exported(family, s) / "config.json").read_text())
+                                                   ["quantization_config"]).config_groups["group_0"].weights
+              for s in ("fp8_block", "nvfp4", "int8")}
+    assert weights_of("model.layers.1.mlp.experts.0.gate_proj") == groups["nvfp4"]   # what vLLM's MoE asks
+    assert weights_of("model.layers.1.mlp.shared_experts.gate_up_proj") == groups["nvfp4"]
+    assert weights_of("model.layers.0.mlp.gate_up_proj") == groups["int8"]
+    assert weights_of("model.layers.1.self_attn.o_proj") == groups["fp8_block"]
+    assert weights_of("model.layers.1.self_attn.fused_qkv_a_proj") == groups["fp8_block"]
+    assert weights_of("model.layers.1.mlp.gate") is None and weights_of("lm_head") is None

@@ -330,3 +330,56 @@ def test_precisions_that_quantize_nothing_or_make_no_sense_are_refused():
         Precision("attention")
     with pytest.raises(ValueError, match="bf16_layers must be >= 0"):
         Precision(bf16_layers=-1)
+
+
+# --- overrides: a module kind's own scheme (`Precision.overrides`, rollout.quant_overrides) ---
+
+def test_overrides_give_each_kind_its_scheme_and_the_rest_the_plans():
+    deepseek = tiny_config("deepseek_v3")
+    precision = Precision(overrides=(("experts", "nvfp4"), ("dense_mlp", "int8")))
+    plan = build_plan(deepseek, "fp8_block", precision)
+    by_category = {}
+    for d in plan.quantized():
+        by_category.setdefault(d.category, set()).add(d.scheme)
+    assert by_category == {"attention": {"fp8_block"}, "dense_mlp": {"int8"},
+                           "expert": {"nvfp4"}, "shared_expert": {"nvfp4"}}
+    assert all(d.scheme is None for d in plan.exempt())
+    assert plan.schemes() == ["fp8_block", "int8", "nvfp4"]            # the plan's own first
+    # Without overrides every quantized decision names the plan's scheme.
+    assert {d.scheme for d in build_plan(deepseek, "int8").quantized()} == {"int8"}
+    # The same decisions otherwise: overrides change schemes, never what is quantized.
+    plain = build_plan(deepseek, "fp8_block")
+    assert [(d.name, d.quantized) for d in plan.decisions.values()] == \
+           [(d.name, d.quantized) for d in plain.decisions.values()]
+
+
+def test_override_patterns_match_their_kind_and_nothing_else():
+    """The regexes a mixed export's override groups target: every module of their scheme, no
+    other module (vLLM matches names before class names, so a stray match would requantize)."""
+    plan = build_plan(tiny_config("qwen2_moe"), "fp8_block", Precision(overrides=(("experts", "nvfp4"),)))
+    patterns = [p.removeprefix("re:") for p in plan.module_patterns("nvfp4")]
+    assert r"^model\.layers\.\d+\.mlp\.experts\.\d+\.gate_proj$" in patterns    # layers and experts folded
+    for d in plan.decisions.values():
+        for ck in d.checkpoint_names:
+            module = ck.rpartition(".")[0]
+            matched = any(re.match(p, module) for p in patterns)
+            assert matched == (d.scheme == "nvfp4"), (ck, d.category, d.scheme)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ((("router", "int8"),), "quant_overrides router=int8: router is never quantized"),
+    ((("lm_head", "nvfp4"),), "lm_head is never quantized"),
+    ((("norm", "int8"),), "norm is never quantized"),
+    ((("mlp", "int8"),), "unknown module kind 'mlp'"),
+    ((("experts", "int3"),), "unknown scheme 'int3'"),
+    ((("experts", "bf16"),), "leave it out of quant_targets"),
+])
+def test_overrides_that_name_what_is_never_quantized_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Precision(overrides=overrides)
+
+
+def test_an_override_on_a_kind_the_targets_keep_bf16_is_refused():
+    with pytest.raises(ValueError, match="quant_targets=experts keeps attention BF16"):
+        Precision("experts", overrides=(("attention", "fp8_block"),))
+    Precision("experts_attention", overrides=(("attention", "fp8_block"),))     # in the targets: fine

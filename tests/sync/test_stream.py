@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qerl_rollout.quant import quantize
-from qerl_rollout.quant.plan import build_plan
+from qerl_rollout.quant.plan import Precision, build_plan
 from qerl_rollout.wire.bucket import buckets, nbytes
 from qerl_rollout.wire.stream import (
     Piece,
@@ -79,7 +79,7 @@ def test_decode_of_encode_is_the_qdq_of_every_quantized_tensor(qwen3, scheme):
     n_quantized = 0
     for unit in us:
         wire = encode_unit(unit, plan, scheme)
-        decoded = dict(decode_payload(wire, scheme, shapes))
+        decoded = dict(decode_payload(wire, plan, shapes))
         for piece in unit.pieces:
             quantized = plan.for_checkpoint(piece.names[0]).quantized
             tensors = piece.tensor.unbind(0) if piece.stacked else [piece.tensor]
@@ -124,6 +124,40 @@ def test_nvfp4_fused_groups_share_one_global_scale(qwen3):
     for i in range(8):
         assert torch.equal(wire[e + f"{i}.gate_proj.weight_global_scale"], wire[e + f"{i}.up_proj.weight_global_scale"])
     assert len({wire[e + f"{i}.gate_proj.weight_global_scale"].item() for i in range(8)}) > 1
+
+
+def _shapes(plan, sd):
+    out = {}
+    for n, t in sd.items():
+        for names, stack in plan.checkpoint_stacks(n, t):
+            out.update((ck, tuple(stack.shape[1:]) if len(names) > 1 else tuple(stack.shape)) for ck in names)
+    return out
+
+
+def test_a_mixed_plan_sends_and_decodes_each_kind_as_its_own_scheme_would(qwen3):
+    """`quant_overrides`: experts nvfp4 + attention fp8_block. Each unit's wire bytes and its
+    decoded BF16 values are those of the single-scheme plan of its kind's scheme; a compressed
+    layer the engine's plan keeps BF16 is refused, not decoded in some scheme."""
+    sd = qwen3.state_dict()
+    mixed = build_plan(qwen3.config, "fp8_block", Precision(overrides=(("experts", "nvfp4"),)))
+    single = {s: build_plan(qwen3.config, s) for s in ("fp8_block", "nvfp4")}
+    shapes = _shapes(mixed, sd)
+    seen = set()
+    for unit in units(pieces(mixed, sd.items())):
+        schemes = {mixed.for_checkpoint(p.names[0]).scheme for p in unit.pieces} - {None}
+        assert len(schemes) <= 1, unit.key                # a unit is one kind
+        ref = single[schemes.pop() if schemes else "fp8_block"]
+        seen.add(ref.scheme)
+        wire, ref_wire = encode_unit(unit, mixed, "fp8_block"), encode_unit(unit, ref, ref.scheme)
+        assert [n for n, _ in wire] == [n for n, _ in ref_wire]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(wire, ref_wire)), unit.key
+        decoded, ref_decoded = decode_payload(wire, mixed, shapes), decode_payload(ref_wire, ref, shapes)
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(decoded, ref_decoded)), unit.key
+    assert seen == {"fp8_block", "nvfp4"}
+    attention = next(u for u in units(pieces(mixed, sd.items())) if u.key == "model.layers.0.self_attn")
+    experts_only = build_plan(qwen3.config, "fp8_block", Precision("experts"))
+    with pytest.raises(ValueError, match="q_proj.weight arrived compressed but the engine's plan keeps it BF16"):
+        decode_payload(encode_unit(attention, mixed, "fp8_block"), experts_only, shapes)
 
 
 def test_nan_in_a_quantized_tensor_names_the_trainer_tensor(qwen3):

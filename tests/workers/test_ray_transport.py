@@ -37,8 +37,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def worker(ray_cluster, tiny_qwen3_moe):
-    """The actor handle; returns at once, so the actor's engine starts beside the local one."""
-    return start_rollout_worker(tiny_qwen3_moe, QuantConfig("fp8_block"), num_cpus=1)
+    """The actor handle; returns at once, so the actor's engine starts beside the local one.
+
+    It runs as many OpenMP threads as this process, without the libgomp preload a vLLM engine
+    in this process may have left in os.environ: the same bytes give the same numbers only on
+    the same threads (Ray would give a num_cpus=1 actor one thread; this file alone then
+    measured 1e-3 apart in logprob, AMD EPYC Zen 4 + zentorch)."""
+    same_threads = {"OMP_NUM_THREADS": str(torch.get_num_threads()), "LD_PRELOAD": ""}
+    return start_rollout_worker(tiny_qwen3_moe, QuantConfig("fp8_block"), num_cpus=1, env_vars=same_threads)
 
 
 @pytest.fixture(scope="module")
