@@ -29,6 +29,10 @@ MOE_FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"]
 # one worker, and go first: `ray.init()` without an address finds another process's running
 # cluster through /tmp/ray/ray_current_cluster and joins it or refuses `num_cpus`.
 RAY_FILES = ("tests/workers/", "tests/test_resume.py", "tests/test_train.py")
+# Ray starts its workers at nice 15: beside the other pytest worker's engines (nice 0) the Ray
+# tests' actors got the CPU last, and that worker was the suite's long pole (the split resume
+# test 384 s under xdist, ~100-127 s alone). At 0 both workers share the cores evenly.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.hookimpl(tryfirst=True)     # before xdist's own hook reads the xdist_group marks

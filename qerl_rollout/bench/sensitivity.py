@@ -9,7 +9,9 @@ the QDQ values in for a subset of tensors, scores the same batch, and swaps the 
 
 - one decoder layer at a time (`layer <i>`), one module kind at a time (`kind <category>`);
 - what `rollout.quant_targets` and `rollout.bf16_layers` would serve (`targets <t>`, `bf16_layers
-  <N>`; `quant.plan.Precision`), the last being all of it (`bf16_layers 0`).
+  <N>`; `quant.plan.Precision`), the last being all of it (`bf16_layers 0`);
+- each `--recipe kind=scheme[,kind=scheme]`: all of it with those `rollout.quant_overrides`
+  (`recipe experts=nvfp4`), whose QDQ values come from that mixed plan.
 
 For each: KL(pi_quant || pi_bf16) per token (exact over the vocabulary, mean over positions) and
 the router flip rate (the fraction of (token, MoE layer) whose k experts differ from BF16's). The
@@ -87,28 +89,52 @@ def variants(plan, num_layers: int) -> dict[str, set[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def sensitivity(model, scheme: str, input_ids: torch.Tensor) -> list[dict]:
-    """One row per variant: its name, tensors swapped in, KL and router flip rate."""
+def parse_recipe(text: str) -> tuple[tuple[str, str], ...]:
+    """`experts=nvfp4,attention=fp8_block` -> quant_overrides pairs (checked by `Precision`)."""
+    pairs = tuple(tuple(part.split("=", 1)) for part in text.split(",") if part)
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--recipe {text!r}: expected kind=scheme[,kind=scheme]")
+    Precision(overrides=pairs)
+    return pairs
+
+
+def _qdq(model, params: dict, scheme: str, precision: Precision | None = None) -> dict[str, torch.Tensor]:
+    """The QDQ values of every tensor the plan of `scheme` (and `precision`) quantizes."""
     from qerl_rollout.wire.stream import qdq_named_tensors
 
+    plan = build_plan(model.config, scheme, precision)
+    return {n: t for n, t in qdq_named_tensors(plan, scheme, ((n, p.detach()) for n, p in params.items()))
+            if plan.decisions[n].quantized}
+
+
+def _swapped_score(model, params: dict, values: dict[str, torch.Tensor], input_ids):
+    """`_score` with `values` in place of those parameters, which are restored exactly after."""
+    saved = {n: params[n].detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, t in values.items():
+                params[n].copy_(t)
+        return _score(model, input_ids)
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+
+
+def sensitivity(model, scheme: str, input_ids: torch.Tensor, recipes: tuple[str, ...] = ()) -> list[dict]:
+    """One row per variant (and per recipe): its name, tensors swapped in, KL and flip rate."""
     plan = build_plan(model.config, scheme)
     params = dict(model.named_parameters())
-    qdq = {n: t for n, t in qdq_named_tensors(plan, scheme, ((n, p.detach()) for n, p in params.items()))
-           if plan.decisions[n].quantized}
+    qdq = _qdq(model, params, scheme)
     reference = _score(model, input_ids)
     rows = []
     for name, tensors in variants(plan, model.config.get_text_config().num_hidden_layers).items():
-        saved = {n: params[n].detach().clone() for n in tensors}
-        try:
-            with torch.no_grad():
-                for n in tensors:
-                    params[n].copy_(qdq[n])
-            kl, flips = _compare(reference, _score(model, input_ids))
-        finally:
-            with torch.no_grad():
-                for n, t in saved.items():
-                    params[n].copy_(t)
+        kl, flips = _compare(reference, _swapped_score(model, params, {n: qdq[n] for n in tensors}, input_ids))
         rows.append({"variant": name, "tensors": len(tensors), "kl": kl, "flip_rate": flips})
+    for recipe in recipes:
+        values = _qdq(model, params, scheme, Precision(overrides=parse_recipe(recipe)))
+        kl, flips = _compare(reference, _swapped_score(model, params, values, input_ids))
+        rows.append({"variant": f"recipe {recipe}", "tensors": len(values), "kl": kl, "flip_rate": flips})
     return rows
 
 
@@ -160,6 +186,8 @@ def _args(argv):
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--kl-budget", type=float, default=1e-3)
+    p.add_argument("--recipe", action="append", default=[], metavar="KIND=SCHEME[,KIND=SCHEME]",
+                   help="also measure all of it with these rollout.quant_overrides (repeatable)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
@@ -176,12 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.get_text_config().vocab_size, (args.rows, args.tokens), generator=g)
-    rows = sensitivity(model, args.scheme, ids)
+    try:
+        for recipe in args.recipe:
+            parse_recipe(recipe)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    rows = sensitivity(model, args.scheme, ids, tuple(args.recipe))
     print(_table(rows))
     advice = suggest(rows, args.kl_budget)
     print(f"\nwithin KL {args.kl_budget:g}: " + "; ".join(advice))
     write_result(args.out, {"benchmark": "sensitivity", "environment": environment(), "model": str(path),
-                            "scheme": args.scheme, "rows": args.rows, "tokens": args.tokens,
+                            "scheme": args.scheme, "recipes": args.recipe, "rows": args.rows, "tokens": args.tokens,
                             "kl_budget": args.kl_budget, "suggest": advice, "variants": rows,
                             "wall_s": time.perf_counter() - started})
     _plot(rows, args.out.with_suffix(".png"))

@@ -43,6 +43,23 @@ def test_the_kl_of_everything_is_that_of_the_qdq_copy_and_weights_come_back(four
     assert kl > 0 and rows["bf16_layers 1"]["kl"] < kl     # BF16 at both ends is closer
 
 
+def test_a_recipe_is_the_mixed_plans_qdq_copy(four_layers):
+    """`--recipe`: an override naming the run's own scheme is the all-quantized variant exactly;
+    another scheme on the experts is the QDQ copy of that mixed plan, exactly."""
+    from qerl_rollout.quant.plan import Precision
+
+    model = AutoModelForCausalLM.from_pretrained(four_layers, dtype=torch.bfloat16).eval()
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    rows = {r["variant"]: r for r in sensitivity(model, "int8", ids, ("experts=int8", "experts=nvfp4"))}
+    assert rows["recipe experts=int8"]["kl"] == rows["bf16_layers 0"]["kl"]
+    mixed = build_plan(model.config, "int8", Precision(overrides=(("experts", "nvfp4"),)))
+    kl, flips = _compare(_score(model, ids), _score(qdq_copy(model, "int8", mixed).eval(), ids))
+    assert (rows["recipe experts=nvfp4"]["kl"], rows["recipe experts=nvfp4"]["flip_rate"]) == (kl, flips)
+    assert kl != rows["bf16_layers 0"]["kl"]
+    with pytest.raises(ValueError, match="router is never quantized"):
+        sensitivity(model, "int8", ids, ("router=int8",))
+
+
 def test_suggest_by_hand():
     rows = [{"variant": "targets experts", "kl": 1e-4}, {"variant": "targets experts_attention", "kl": 5e-4},
             {"variant": "targets all_linear", "kl": 2e-3}, {"variant": "bf16_layers 0", "kl": 2e-3},
