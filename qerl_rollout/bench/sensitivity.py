@@ -153,11 +153,12 @@ def suggest(rows: list[dict], budget: float) -> list[str]:
 
 
 def _table(rows: list[dict]) -> str:
-    out = [f"{'variant':<28}{'tensors':>8}{'KL(q || bf16)':>16}{'router flips':>14}"]
+    width = max([28] + [len(r["variant"]) + 2 for r in rows])
+    out = [f"{'variant':<{width}}{'tensors':>8}{'KL(q || bf16)':>16}{'router flips':>14}"]
     layer_rows = sorted((r for r in rows if r["variant"].startswith("layer ")), key=lambda r: -r["kl"])
     for r in layer_rows + [r for r in rows if not r["variant"].startswith("layer ")]:
         flips = "-" if r["flip_rate"] is None else f"{r['flip_rate']:.4f}"
-        out.append(f"{r['variant']:<28}{r['tensors']:>8}{r['kl']:>16.3e}{flips:>14}")
+        out.append(f"{r['variant']:<{width}}{r['tensors']:>8}{r['kl']:>16.3e}{flips:>14}")
     return "\n".join(out)
 
 
