@@ -322,6 +322,15 @@ def test_a_run_with_per_module_precision(tmp_path, precision):
     rows = read_metrics(tmp_path / "r")
     for row in rows:
         assert row["sync/verify_hash_ok"] == 1.0 and 0 <= row["sync/verify_mean_dlogp"] < VERIFY_TOL
+    # The second push is compared with the first: the fraction of code rows it changed. LoRA
+    # is on attention (and lm_head) only, so that is what it re-sends: quantized (fp8_block)
+    # beside NVFP4 experts; BF16, with no codes to compare, beside quantized experts alone.
+    assert "sync/changed_code_fraction" not in rows[0]
+    if "quant_overrides" in precision:
+        fraction = rows[1]["sync/changed_code_fraction/attention"]
+        assert 0 < fraction <= 1 and rows[1]["sync/changed_code_fraction"] == fraction
+    else:
+        assert not any(k.startswith("sync/changed_code_fraction") for k in rows[1])
     with pytest.raises(ValueError, match="the bf16 scheme quantizes nothing"):
         load_config(["rollout.scheme=bf16", "rollout.bf16_layers=1"])
     with pytest.raises(ValueError, match="rollout.quant_targets / bf16_layers / quant_overrides: unknown quant targets 'mlp'"):

@@ -132,7 +132,7 @@ def exclusive_seconds(seconds: dict) -> dict:
     other phases are timed exactly, so quantize here is the remainder of the total: cutting
     tensors into checkpoint pieces, quantizing them, and the finite check of exempt ones.
     """
-    out = {k: seconds.get(k, 0.0) for k in ("preflight", "merge", "load", "commit")}
+    out = {k: seconds.get(k, 0.0) for k in ("preflight", "merge", "load", "commit", "code_delta")}
     out["quantize"] = max(seconds["total"] - sum(out.values()), 0.0)
     out["total"] = seconds["total"]
     return out

@@ -48,6 +48,7 @@ from torch import nn
 from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.quant.plan import Precision, QuantPlan, build_plan
 from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
+from qerl_rollout.sync.code_delta import CodeTracker
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
 from qerl_rollout.wire.bucket import buckets, digests, nbytes
 from qerl_rollout.wire.receiver import WeightReceiver
@@ -93,6 +94,9 @@ class SyncReport:
     seconds: dict[str, float] = field(default_factory=dict)
     retried: bool = False
     digests: dict[str, str] | None = None   # name -> digest of what was sent (push(digest=True))
+    # Rows of quantized codes this push changed over those compared with the last push's,
+    # overall ("all") and per module kind (`sync.code_delta`); empty on a first push.
+    changed_code_fraction: dict[str, float] = field(default_factory=dict)
 
     @property
     def wire_ratio(self) -> float:
@@ -157,6 +161,7 @@ class WeightSync:
         self._manifest = None
         self._pushed: dict[str, tuple] | None = None
         self._norms_transformed = False   # the engine's norms differ from the trainer's
+        self._codes = CodeTracker()       # `sync.code_delta`: which quantized codes pushes change
 
     # -- public ---------------------------------------------------------------------------
     def push(self, model: nn.Module, *, full: bool = False, norm_transform: NormTransform | None = None,
@@ -325,11 +330,14 @@ class WeightSync:
             return None
         sent = n_buckets = n_tensors = 0
         sent_digests = {} if digest else None
+        codes = self._codes.start(plan)
         try:
             _engine_call(self.engine.begin_update, *((version, True) if digest else (version,)))
             for bucket in buckets(encoded, self.bucket_bytes):
                 if digest:
                     sent_digests.update(digests(bucket))
+                with clock.phase("code_delta"):
+                    codes.observe(bucket)
                 with clock.phase("load"):
                     _engine_call(self.engine.load, bucket)
                 n_buckets += 1
@@ -345,7 +353,7 @@ class WeightSync:
             raise
         n_units = len({unit_of(ck) for n in names for ck in plan[n].checkpoint_names})
         return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets,
-                          digests=sent_digests)
+                          digests=sent_digests, changed_code_fraction=self._codes.commit(codes))
 
     def _abort(self, encoded: Iterator, reason: str) -> None:
         """A sharded rank 0 first finishes the walk, so the other ranks' collectives complete
