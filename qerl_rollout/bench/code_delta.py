@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from qerl_rollout.bench.models import DEFAULT_MODELS_DIR, MODELS, environment, model_dir, write_result
+from qerl_rollout.bench.models import (
+    DEFAULT_MODELS_DIR,
+    MODELS,
+    environment,
+    model_dir,
+    write_result,
+)
 from qerl_rollout.quant import SCHEMES
 from qerl_rollout.quant.plan import Precision
 
