@@ -330,7 +330,8 @@ def load_config(argv: list[str]) -> TrainConfig:
                 a.startswith("grpo.group_size=") for a in overrides):
             raise ValueError("grpo.group_size is rollout.group_size (the samples per prompt, the GRPO "
                              "group); set rollout.group_size")
-        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(overrides))
+        dotlist = OmegaConf.from_dotlist([_quote_yaml11_bool(a) for a in overrides])
+        merged = OmegaConf.merge(schema, *layers, dotlist)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         raise ValueError(_unknown_key_message(e.full_key, schema)) from None
@@ -338,6 +339,16 @@ def load_config(argv: list[str]) -> TrainConfig:
         first = str(e).splitlines()[0]
         where = f" ({e.full_key})" if getattr(e, "full_key", None) else ""
         raise ValueError(f"bad config{where}: {first}") from None
+
+
+# YAML 1.1 reads these as booleans; a string field given one (tracking.run_name=off) got "False".
+_YAML11_BOOLS = {"yes", "no", "on", "off"}
+
+
+def _quote_yaml11_bool(arg: str) -> str:
+    """`key=off` -> `key='off'`: a string stays itself, a bool field still parses it as one."""
+    key, value = arg.split("=", 1)
+    return f"{key}='{value}'" if value.lower() in _YAML11_BOOLS else arg
 
 
 def _unknown_key_message(key: str, schema) -> str:

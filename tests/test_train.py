@@ -266,6 +266,14 @@ def test_int8_run_logs_the_rollout_speedup_it_measured(tmp_path):
     assert summary["rollout/speedup_vs_bf16"] == rows[1]["rollout/speedup_vs_bf16"]
 
 
+def test_yaml_11_booleans_stay_strings_where_a_string_is_asked():
+    """`tracking.run_name=off` used to name the run "False" (YAML 1.1 reads off/on/yes/no as
+    booleans); a boolean field still reads them as booleans."""
+    cfg = load_config(["tracking.run_name=off", "eval.bf16=on", "run.resume=No"])
+    assert (cfg.tracking.run_name, cfg.eval.bf16, cfg.run.resume) == ("off", True, False)
+    assert load_config(["tracking.run_name=yes"]).tracking.run_name == "yes"
+
+
 def test_config_errors_name_the_keys():
     with pytest.raises(ValueError) as err:
         load_config(["policy.lora_rnak=2"])
