@@ -24,16 +24,11 @@ from collections.abc import Iterable
 import torch
 
 from qerl_rollout.quant.plan import QuantPlan
+from qerl_rollout.wire.stream import is_code_tensor
 
 log = logging.getLogger(__name__)
 FROZEN_AFTER = 3          # delta pushes in a row that changed no code before the warning
-_CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 _WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def is_code_tensor(name: str, t: torch.Tensor) -> bool:
-    key = name.rpartition(".")[2]
-    return key == "weight_packed" or (key == "weight" and t.dtype in _CODE_DTYPES)
 
 
 def _word_weights(n_words: int, device: torch.device) -> torch.Tensor:

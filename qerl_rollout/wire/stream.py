@@ -230,6 +230,12 @@ def _is_compressed(key: str, t: torch.Tensor) -> bool:
     return key in _COMPRESSED_KEYS or (key == "weight" and t.dtype in _QUANTIZED_WEIGHT_DTYPES)
 
 
+def is_code_tensor(name: str, t: torch.Tensor) -> bool:
+    """The quantized codes of a layer in a payload: `x.weight` in INT8/FP8, `x.weight_packed`."""
+    key = name.rpartition(".")[2]
+    return key == "weight_packed" or (key == "weight" and t.dtype in _QUANTIZED_WEIGHT_DTYPES)
+
+
 def decode_payload(
     payload: Iterable[tuple[str, torch.Tensor]],
     plan: QuantPlan,

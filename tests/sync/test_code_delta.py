@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from qerl_rollout.rollout.engine import read_manifest
-from qerl_rollout.sync.code_delta import FROZEN_AFTER, is_code_tensor, row_fingerprints
+from qerl_rollout.sync.code_delta import FROZEN_AFTER, row_fingerprints
 from qerl_rollout.sync.weight_sync import WeightSync
+from qerl_rollout.wire.stream import is_code_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recording import RecordingReceiver  # noqa: E402

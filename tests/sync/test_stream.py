@@ -70,10 +70,8 @@ def test_decode_of_encode_is_the_qdq_of_every_quantized_tensor(qwen3, scheme):
     plan, us = _units(qwen3, scheme)
     sd = qwen3.state_dict()
     qdq = dict(qdq_named_tensors(plan, scheme, sd.items()))
-    shapes, expected = {}, {}
-    for n, t in sd.items():
-        for names, stack in plan.checkpoint_stacks(n, t):
-            shapes.update((ck, tuple(stack.shape[1:]) if len(names) > 1 else tuple(stack.shape)) for ck in names)
+    shapes, expected = _shapes(plan, sd), {}
+    for n in sd:
         for names, stack in plan.checkpoint_stacks(n, qdq[n]):   # the same cut of the QDQ tensor
             expected.update(zip(names, stack.unbind(0) if len(names) > 1 else [stack]))
     n_quantized = 0
