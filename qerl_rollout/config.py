@@ -128,7 +128,13 @@ class TaskConfig:
 
 @dataclass
 class SyncConfig:
-    """The push check (`qerl_rollout.sync.verify`): does each engine serve what was pushed?
+    """How pushes travel, and the push check (`qerl_rollout.sync.verify`): does each engine
+    serve what was pushed?
+
+    delta:         after the first push, send each tensor the engines hold as the 64-byte
+                   blocks of its bytes that changed (`wire.delta`); the engines keep a host copy
+                   of the pushed weights to apply them to, the trainer 1/8 of that in
+                   fingerprints.
 
     verify_every:  check the first push and every N-th step's; 0: off.
     verify_tol:    bound on the mean |dlogp| over the probe's tokens, the engines' against the
@@ -139,6 +145,7 @@ class SyncConfig:
                    (small models, one trainer rank); false: the exact hash half only.
     """
 
+    delta: bool = False
     verify_every: int = 50
     verify_tol: float = VERIFY_TOL
     verify_max_tol: float = VERIFY_MAX_TOL

@@ -39,9 +39,11 @@ Metric names (`group/name`, so wandb groups the panels):
     train/seconds                    wall time of logprobs + GRPO update
     sync/seconds, sync/mb            wall time and payload of the weight push
     sync/wire_ratio                  bytes on the wire / bytes of the BF16 weights
-    sync/changed_code_fraction       rows of quantized codes the push changed over the rows sent
-                                     before (`sync.code_delta`), and per kind (`.../expert`); 0 for
-                                     3 pushes in a row warns: the rollout policy is frozen
+    sync/delta_ratio                 bytes on the wire / bytes of the same tensors whole (below 1
+                                     with `sync.delta`: only changed blocks travel)
+    sync/changed_code_fraction       64-byte blocks of quantized codes the push changed over those
+                                     sent before (`sync.code_delta`), and per kind (`.../expert`); 0
+                                     for 3 pushes in a row warns: the rollout policy is frozen
     experts/trainer/load_cv          the trainer's expert load in its training forward (MoE only,
     experts/trainer/max_over_mean    `rl.routing`): std / mean of the tokens per expert, the
     experts/trainer/dead             busiest expert over the mean, experts with no token; mean

@@ -461,6 +461,7 @@ def _step_metrics(rewards, metrics, report, samples, rollout_s: float, train_s: 
         "rollout/response_len": tokens / len(samples), "rollout/version": samples[0].version,
         "train/seconds": train_s, "sync/seconds": report.seconds["total"],
         "sync/mb": report.bytes_sent / 1e6, "sync/wire_ratio": report.wire_ratio,
+        "sync/delta_ratio": report.bytes_sent / max(report.bytes_whole, 1),
         "sync/version": report.version,
         **{("sync/changed_code_fraction" if kind == "all" else f"sync/changed_code_fraction/{kind}"): value
            for kind, value in report.changed_code_fraction.items()},

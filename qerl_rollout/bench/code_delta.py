@@ -1,22 +1,28 @@
-"""`python -m qerl_rollout.bench code_delta`: how many quantized codes a LoRA step changes.
+"""`python -m qerl_rollout.bench code_delta`: how many quantized codes a LoRA step changes, and
+what a delta push (`sync.delta`) then sends.
 
 How it works. The checkpoint (`--model DIR`, or the cached synthetic `--size`) gets LoRA
 (rank 16) on the attention projections and the fused experts, and is pushed once in full
-through `WeightSync` into a receiver that drops what it gets (no engine: the codes are what is
-measured). Then, per learning rate, `--steps` times: every LoRA parameter moves by `lr` in a
-random sign, as Adam's first steps move each parameter by about `lr`, and the delta push
-reports `sync/changed_code_fraction` (`sync.code_delta`: rows of codes that changed, overall and
-per module kind) and its seconds, of which `code_delta` is the fingerprinting. Per scheme.
+through a delta `WeightSync` into a receiver that does what an engine does with a delta push
+before vLLM sees it (`wire.delta.HeldTensors`: keep copies, apply and check patches) and then
+drops the tensors (no engine: the bytes are what is measured). Then, per learning rate,
+`--steps` times: every LoRA parameter moves by `lr` in a random sign, as Adam's first steps
+move each parameter by about `lr`, and the push reports `sync/changed_code_fraction`
+(`sync.code_delta`: 64-byte blocks of codes that changed, overall and per module kind), the
+bytes it sent against those of the same tensors whole, and its seconds: the sender's
+`code_delta` phase (fingerprints and patches) and the receiver's apply. Per scheme.
 
 Output: a table and JSON (`--out`, default bench/results/code_delta.json).
 
 Left out: a real optimizer and real gradients (Adam's later steps are smaller than `lr` where
-gradients are noisy), and the engine load (timed by `bench sync`).
+gradients are noisy), the transport (a delta push sends `wire` of the bytes: its time on any
+link is that share of a full push's), and the engine load (timed by `bench sync`).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -30,32 +36,39 @@ from qerl_rollout.bench.models import (
 )
 from qerl_rollout.quant import SCHEMES
 from qerl_rollout.quant.plan import Precision
+from qerl_rollout.wire.delta import HeldTensors
 
 DEFAULT_OUT = Path("bench/results/code_delta.json")
 
 
-class _Sink:
-    """A `WeightReceiver` that drops what it is sent (kernel mode: it gets the codes)."""
+class _Holder:
+    """A `WeightReceiver` (kernel mode: it gets the codes) that resolves delta pushes as an
+    engine does, times it, and drops the tensors."""
 
     mode, precision, version = "kernel", Precision(), 0
 
     def __init__(self, scheme: str, manifest: dict):
         self.scheme, self._manifest = scheme, manifest
+        self.held, self.apply_s = HeldTensors(), 0.0
 
     def manifest(self):
         return self._manifest
 
-    def begin_update(self, version, digest=False):
-        pass
+    def begin_update(self, version, digest=False, delta=False):
+        self.apply_s = 0.0
+        self.held.begin() if delta else self.held.clear()
 
     def load(self, named_tensors):
-        pass
+        t0 = time.perf_counter()
+        self.held.apply(named_tensors)
+        self.apply_s += time.perf_counter() - t0
 
     def commit(self, version):
+        self.held.commit()
         self.version = version
 
     def abort(self, reason):
-        pass
+        self.held.abort()
 
 
 def _policy(path: Path):
@@ -75,32 +88,38 @@ def measure(path: Path, scheme: str, lrs: list[float], steps: int, seed: int = 0
 
     policy = _policy(path)
     lora = [p for n, p in policy.named_parameters() if "lora_" in n]
-    sync = WeightSync(_Sink(scheme, read_manifest(path)))
-    full = sync.push(policy)
-    rows = [{"scheme": scheme, "lr": 0.0, "step": 0, "fractions": {}, "seconds": full.seconds["total"],
-             "code_delta_s": full.seconds.get("code_delta", 0.0)}]
+    receiver = _Holder(scheme, read_manifest(path))
+    sync = WeightSync(receiver, delta=True)
+
+    def row(lr, step, r):
+        return {"scheme": scheme, "lr": lr, "step": step, "fractions": r.changed_code_fraction,
+                "bytes_sent": r.bytes_sent, "bytes_whole": r.bytes_whole, "seconds": r.seconds["total"],
+                "code_delta_s": r.seconds.get("code_delta", 0.0), "apply_s": receiver.apply_s}
+
+    rows = [row(0.0, 0, sync.push(policy))]
     g = torch.Generator().manual_seed(seed)
     for lr in lrs:
         for step in range(1, steps + 1):
             with torch.no_grad():
                 for p in lora:
                     p.add_(lr * torch.randint(0, 2, p.shape, generator=g).mul(2).sub(1).to(p.dtype))
-            r = sync.push(policy)
-            rows.append({"scheme": scheme, "lr": lr, "step": step, "fractions": r.changed_code_fraction,
-                         "seconds": r.seconds["total"], "code_delta_s": r.seconds.get("code_delta", 0.0)})
+            rows.append(row(lr, step, sync.push(policy)))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     kinds = sorted({k for r in rows for k in r["fractions"] if k != "all"})
-    out = [f"{'scheme':<12}{'lr':>8}{'step':>5}{'changed rows':>14}" + "".join(f"{k:>14}" for k in kinds)
-           + f"{'push s':>8}{'fingerprint s':>15}"]
+    out = [f"{'scheme':<12}{'lr':>8}{'step':>5}{'changed blocks':>16}" + "".join(f"{k:>14}" for k in kinds)
+           + f"{'MB whole':>10}{'MB sent':>9}{'wire':>7}{'push s':>8}{'delta s':>9}{'apply s':>9}"]
     for r in rows:
         f = r["fractions"]
-        cells = [f"{100 * f[k]:>13.1f}%" if k in f else f"{'-':>14}" for k in ["all", *kinds]]
+        cells = [f"{100 * f[k]:>15.1f}%" if k == "all" and k in f else f"{100 * f[k]:>13.1f}%" if k in f
+                 else f"{'-':>16}" if k == "all" else f"{'-':>14}" for k in ["all", *kinds]]
         lr = "full" if r["step"] == 0 else f"{r['lr']:g}"
+        wire = r["bytes_sent"] / max(r["bytes_whole"], 1)
         out.append(f"{r['scheme']:<12}{lr:>8}{r['step']:>5}" + "".join(cells)
-                   + f"{r['seconds']:>8.2f}{r['code_delta_s']:>15.3f}")
+                   + f"{r['bytes_whole'] / 1e6:>10.1f}{r['bytes_sent'] / 1e6:>9.1f}{100 * wire:>6.1f}%"
+                   + f"{r['seconds']:>8.2f}{r['code_delta_s']:>9.3f}{r['apply_s']:>9.3f}")
     return "\n".join(out)
 
 

@@ -52,11 +52,13 @@ class LocalPlacement:
         set_engine_env(r.kv_cache_gib)
         try:
             self.rollout = LocalRollout(model_dir, QuantConfig(r.scheme, r.mode, r.precision), **engine_options)
-            self.trainer.connect("rollout", self.rollout.receiver, bucket_bytes=r.bucket_mb << 20)
+            self.trainer.connect("rollout", self.rollout.receiver, bucket_bytes=r.bucket_mb << 20,
+                                 delta=cfg.sync.delta)
             if with_baseline:
                 self.baseline = LocalRollout(model_dir, QuantConfig("bf16", r.mode),
                                              **{**engine_options, "return_routes": False})   # routes: rollout only
-                self.trainer.connect("baseline", self.baseline.receiver, bucket_bytes=r.bucket_mb << 20)
+                self.trainer.connect("baseline", self.baseline.receiver, bucket_bytes=r.bucket_mb << 20,
+                                     delta=cfg.sync.delta)
         except BaseException:
             self.close()
             raise

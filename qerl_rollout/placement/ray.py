@@ -157,12 +157,12 @@ class RayPlacement:
             self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch)
             self.rollout = self._engines(model_dir, self.layout.engines, cfg.rollout.scheme, engine_options)
             self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20,
-                                 self.rollout.names, cfg.rollout.precision)
+                                 self.rollout.names, cfg.rollout.precision, delta=cfg.sync.delta)
             if self.layout.baseline is not None:
                 self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16",
                                               {**engine_options, "return_routes": False}, name="baseline engine")
                 self.trainer.connect("baseline", self.baseline.workers, "bf16", cfg.rollout.bucket_mb << 20,
-                                     self.baseline.names)
+                                     self.baseline.names, delta=cfg.sync.delta)
             self._write_workers(run_dir)
         except BaseException:
             self.close()

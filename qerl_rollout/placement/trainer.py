@@ -26,12 +26,13 @@ class PolicyTrainer:
         self.syncs: dict[str, WeightSync] = {}
 
     def connect(self, target: str, receiver: WeightReceiver | None, *, bucket_bytes: int,
-                scheme: str | None = None, precision=None, retry: bool = True) -> None:
+                scheme: str | None = None, precision=None, retry: bool = True, delta: bool = False) -> None:
         """A sync into `receiver` (rank 0; None on the other ranks of a sharded trainer, which
         name the engine's `scheme` and `precision`). `retry=False` where the caller retries on
-        every rank."""
+        every rank; `delta`: delta pushes (`sync.delta`)."""
         self.syncs[target] = WeightSync(receiver, sharded=self.world > 1, scheme=scheme, precision=precision,
-                                        bucket_bytes=bucket_bytes, retry_full_on_transport_error=retry)
+                                        bucket_bytes=bucket_bytes, retry_full_on_transport_error=retry,
+                                        delta=delta)
 
     def train_step(self, batch, advantages, logp_rollout) -> dict:
         return self.policy.train_step(batch, advantages, logp_rollout=logp_rollout)

@@ -28,7 +28,10 @@ How it works.
   AMD EPYC Zen 4); engines run with its out-of-place cache (`EXACT_RELOAD_ENV`), under which
   every push is exact.
   `begin_update(v, digest=True)` also records a digest of
-  every tensor loaded (`received_digests`, the push check's exact half). `abort` after a
+  every tensor loaded (`received_digests`, the push check's exact half). `begin_update(v,
+  delta=True)` (delta pushes, `wire.delta`) keeps a host copy of every tensor the update loads
+  and resolves patches against the copies of the last such update before anything else sees
+  the bucket: digests, decoding and vLLM get whole tensors. `abort` after a
   partial load marks the engine broken: it refuses to generate until a push commits.
 - Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
   (oneDNN GEMM, `CPUExpertsInt8`) and on AMD Zen with zentorch; FP8 and NVFP4 emulate.
@@ -68,6 +71,7 @@ import torch
 from qerl_rollout.quant import SCHEMES, get_scheme
 from qerl_rollout.rollout.types import EngineStateError, QuantConfig, Sample
 from qerl_rollout.wire.bucket import digests
+from qerl_rollout.wire.delta import HeldTensors
 from qerl_rollout.wire.stream import decode_payload
 
 log = logging.getLogger(__name__)
@@ -469,6 +473,8 @@ class RolloutEngine:
         self._updating: int | None = None
         self._loaded_in_update = False
         self._digests_in_update = self._received_digests = None
+        self._held = HeldTensors()           # delta pushes: the last committed tensors
+        self._delta_update = False
         self._broken: str | None = None
         self._route_calls = 0
         if self._on_cpu:
@@ -509,12 +515,19 @@ class RolloutEngine:
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._manifest)
 
-    def begin_update(self, version: int, digest: bool = False) -> None:
+    def begin_update(self, version: int, digest: bool = False, delta: bool = False) -> None:
         """`digest`: record `wire.bucket.digests` of every tensor this update loads, as it
-        arrives (before an emulate engine decodes it); `received_digests` returns them."""
+        arrives (before an emulate engine decodes it); `received_digests` returns them.
+        `delta`: resolve patches and keep copies (module docstring); an update without it
+        drops the copies."""
         if version < self.version:
             raise ValueError(f"version {version} is older than the served version {self.version}")
         self._digests_in_update = {} if digest else None
+        self._delta_update = delta
+        if delta:
+            self._held.begin()
+        else:
+            self._held.clear()
         self._updating = version
         self._loaded_in_update = False
 
@@ -522,6 +535,8 @@ class RolloutEngine:
         if self._updating is None:
             raise EngineStateError("load() outside begin_update()/commit()")
         self._loaded_in_update = True
+        if self._delta_update:
+            named_tensors = self._held.apply(named_tensors)
         if self._digests_in_update is not None:
             self._digests_in_update.update(digests(named_tensors))
         if self.mode == "emulate" and self.quant.quantized:
@@ -535,6 +550,8 @@ class RolloutEngine:
         if self._loaded_in_update:
             self.llm.apply_model(clear_kernel_caches)
         self.llm.reset_prefix_cache()
+        if self._delta_update:
+            self._held.commit()
         self.version = version
         self._updating = None
         self._broken = None
@@ -545,6 +562,7 @@ class RolloutEngine:
         return self._received_digests
 
     def abort(self, reason: str) -> None:
+        self._held.abort()
         if self._loaded_in_update:
             self._broken = (f"a weight update to version {self._updating} failed after part of it was "
                             f"loaded ({reason}); push again before generating")

@@ -1,19 +1,21 @@
-"""Which quantized codes a push changed: `sync/changed_code_fraction`, and a frozen-policy warning.
+"""Which quantized codes a push changed (`sync/changed_code_fraction`, a frozen-policy warning),
+and the sender's half of delta pushes (`wire.delta`).
 
 Why. A LoRA step can be smaller than one quantization step (QuRL, arXiv 2602.13953): the
 requantized weights then hold the same codes, and the rollout policy stays where it was while
-the trainer moves. This measures it on every push.
+the trainer moves. This measures it on every push; with `delta` it also sends only what moved.
 
 How it works. For every code tensor a push sends (`x.weight` in INT8/FP8, `x.weight_packed`
-in NVFP4) the sync keeps one 64-bit fingerprint per output row (`row_fingerprints`: the row's
-bytes as int64 words times fixed odd random weights, summed mod 2^64). A row whose fingerprint
-differs from the one of the last committed push has changed codes. One changed word always
-changes the sum (an odd weight is invertible mod 2^64); several cancel with probability about
-2^-64. `CodeDelta` compares one push's code tensors with the fingerprints of the last and
-counts changed rows over compared rows, overall and per module kind; its fingerprints replace
-the kept ones only once the engine committed the push. Rows first seen (the first push) are not
-compared. Scales are not fingerprinted: a row whose scale alone moved counts as unchanged.
-Memory: 8 bytes per code row on the trainer's rank 0.
+in NVFP4), and with `delta` for every tensor, the sync keeps the block fingerprints of what it
+sent (`wire.delta.block_fingerprints`: one int64 per BLOCK_BYTES of the tensor's bytes). A block
+whose fingerprint differs from the last committed push's has changed. `CodeDelta` compares one
+push with the kept fingerprints, counts changed code blocks over compared ones, overall and per
+module kind, and with `delta` replaces each tensor the engine holds by its patch; its
+fingerprints replace the kept ones only once the engine committed the push. Tensors first seen
+(the first push, a full one) are sent whole and not compared. Scales are counted apart from
+codes: a block of codes that did not move counts as unchanged even where its scale moved.
+Memory: 8 bytes per block (1/8 of the code bytes; with `delta`, of every pushed byte) kept in
+the host memory of the trainer's rank 0.
 """
 
 from __future__ import annotations
@@ -24,60 +26,52 @@ from collections.abc import Iterable
 import torch
 
 from qerl_rollout.quant.plan import QuantPlan
+from qerl_rollout.wire import delta as wire_delta
 from qerl_rollout.wire.stream import is_code_tensor
 
 log = logging.getLogger(__name__)
 FROZEN_AFTER = 3          # delta pushes in a row that changed no code before the warning
-_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _word_weights(n_words: int, device: torch.device) -> torch.Tensor:
-    key = (n_words, str(device))
-    if key not in _WEIGHTS:
-        g = torch.Generator().manual_seed(n_words)
-        w = torch.randint(-(2**62), 2**62, (n_words,), generator=g, dtype=torch.int64) * 2 + 1
-        _WEIGHTS[key] = w.to(device)
-    return _WEIGHTS[key]
-
-
-def row_fingerprints(codes: torch.Tensor) -> torch.Tensor:
-    """One int64 per row of a 2-D code tensor (module docstring)."""
-    rows = codes.reshape(codes.shape[0], -1).contiguous().view(torch.uint8)
-    pad = -rows.shape[1] % 8
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-    words = rows.view(torch.int64)
-    return (words * _word_weights(words.shape[1], words.device)).sum(dim=1)
+Payload = list[tuple[str, torch.Tensor]]
 
 
 class CodeDelta:
     """One push's comparison with the fingerprints `kept` from the last committed push."""
 
-    def __init__(self, kept: dict[str, torch.Tensor], plan: QuantPlan):
-        self.kept, self.plan = kept, plan
+    def __init__(self, kept: dict[str, torch.Tensor], plan: QuantPlan, patches: bool = False):
+        """`patches`: send each tensor kept from the last committed push as its delta."""
+        self.kept, self.plan, self.patches = kept, plan, patches
         self.fingerprints: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, list[int]] = {}       # kind -> [changed, compared]
+        self.blocks: dict[str, list[int]] = {}       # kind -> [changed, compared] code blocks
 
-    def observe(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, t in bucket:
-            if not is_code_tensor(name, t):
+    def observe(self, payload: Iterable[tuple[str, torch.Tensor]]) -> Payload:
+        """The payload to send (with `patches`: deltas in place of kept tensors); counts codes."""
+        out: Payload = []
+        for name, t in payload:
+            code = is_code_tensor(name, t)
+            if not (code or self.patches):
+                out.append((name, t))
                 continue
-            fp = row_fingerprints(t)
+            fp = wire_delta.block_fingerprints(t).cpu()      # host memory (module docstring)
             self.fingerprints[name] = fp
             old = self.kept.get(name)
-            if old is None or old.shape != fp.shape:
-                continue
-            decision = self.plan.decision_of(name.rpartition(".")[0] + ".weight")
-            counts = self.rows.setdefault(decision.category if decision else "other", [0, 0])
-            counts[0] += int((old != fp).sum())
-            counts[1] += fp.numel()
+            known = old is not None and old.shape == fp.shape
+            if code and known:
+                self._count(name, int((old != fp).sum()), fp.numel())
+            out += wire_delta.encode(name, t, fp, old) if self.patches and known else [(name, t)]
+        return out
+
+    def _count(self, name: str, changed: int, compared: int) -> None:
+        decision = self.plan.decision_of(name.rpartition(".")[0] + ".weight")
+        counts = self.blocks.setdefault(decision.category if decision else "other", [0, 0])
+        counts[0] += changed
+        counts[1] += compared
 
     def fractions(self) -> dict[str, float]:
-        """{"all": changed / compared rows, <kind>: ...}; empty when nothing was compared."""
-        if not self.rows:
+        """{"all": changed / compared code blocks, <kind>: ...}; empty when none were compared."""
+        if not self.blocks:
             return {}
-        changed, compared = (sum(c[i] for c in self.rows.values()) for i in (0, 1))
-        return {"all": changed / compared, **{k: c / n for k, (c, n) in sorted(self.rows.items())}}
+        changed, compared = (sum(c[i] for c in self.blocks.values()) for i in (0, 1))
+        return {"all": changed / compared, **{k: c / n for k, (c, n) in sorted(self.blocks.items())}}
 
 
 class CodeTracker:
@@ -87,8 +81,13 @@ class CodeTracker:
         self.kept: dict[str, torch.Tensor] = {}
         self.unchanged_pushes = 0
 
-    def start(self, plan: QuantPlan) -> CodeDelta:
-        return CodeDelta(self.kept, plan)
+    def start(self, plan: QuantPlan, patches: bool = False) -> CodeDelta:
+        """A push's comparison; `patches` only where the engine holds the kept tensors."""
+        return CodeDelta(self.kept, plan, patches)
+
+    def forget(self) -> None:
+        """After a failed push: nothing is known of what the engine holds."""
+        self.kept.clear()
 
     def commit(self, delta: CodeDelta) -> dict[str, float]:
         """Keep `delta`'s fingerprints (the engine now holds them); warn once per streak of

@@ -19,6 +19,12 @@ How a push works (`WeightSync.push(model)`):
    push completes; a failure in the transport or engine (not in the trainer's tensors) is
    retried once as a full push.
 
+Delta pushes (`WeightSync(..., delta=True)`, config `sync.delta`): after the first push, every
+tensor the engine already holds travels as the blocks of its bytes that changed (`wire.delta`,
+chosen by `sync.code_delta`); the engine applies them to its copy of the last committed push,
+checks the result and loads whole tensors. A full push (`full=True`, the first, the retry and
+every push after a failed one) sends every tensor whole.
+
 `push(..., digest=True)` also records a digest of every tensor sent (`report.digests`) and asks
 the engine to record the same of what it loads: the exact half of the push check
 (`sync.verify`).
@@ -47,8 +53,8 @@ from torch import nn
 
 from qerl_rollout.quant import DEFAULT_SCHEME
 from qerl_rollout.quant.plan import Precision, QuantPlan, build_plan
-from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.code_delta import CodeTracker
+from qerl_rollout.sync.merge import fingerprint, merged_named_tensors, raw_tensors
 from qerl_rollout.sync.sharded import first_error_over_ranks, sharded_payloads, union_over_ranks
 from qerl_rollout.wire.bucket import buckets, digests, nbytes
 from qerl_rollout.wire.receiver import WeightReceiver
@@ -73,9 +79,9 @@ class TransportError(RuntimeError):
     """The engine or the transport failed during a push (not the trainer's tensors)."""
 
 
-def _engine_call(fn, *args):
+def _engine_call(fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         raise TransportError(f"{type(e).__name__}: {e}") from e
 
@@ -87,7 +93,7 @@ class SyncReport:
     version: int
     full: bool
     tensors_sent: int
-    bytes_sent: int
+    bytes_sent: int          # on the wire: with `delta`, patches in place of the tensors they patch
     bytes_bf16: int          # trainer bytes (BF16) covered by this push
     units_sent: int
     buckets: int
@@ -97,6 +103,7 @@ class SyncReport:
     # Rows of quantized codes this push changed over those compared with the last push's,
     # overall ("all") and per module kind (`sync.code_delta`); empty on a first push.
     changed_code_fraction: dict[str, float] = field(default_factory=dict)
+    bytes_whole: int = 0     # what the tensors of this push weigh whole (= bytes_sent without deltas)
 
     @property
     def wire_ratio(self) -> float:
@@ -143,9 +150,11 @@ class WeightSync:
         sharded: bool = False,
         scheme: str | None = None,
         precision: Precision | None = None,
+        delta: bool = False,
     ):
         """`sharded`: every rank of an FSDP2 trainer makes one; `engine` on rank 0 only, and
-        `scheme` and `precision` (the engine's) on the others, which never talk to it."""
+        `scheme` and `precision` (the engine's) on the others, which never talk to it.
+        `delta`: delta pushes (module docstring)."""
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
         if engine is None and not (sharded and scheme):
@@ -162,6 +171,8 @@ class WeightSync:
         self._pushed: dict[str, tuple] | None = None
         self._norms_transformed = False   # the engine's norms differ from the trainer's
         self._codes = CodeTracker()       # `sync.code_delta`: which quantized codes pushes change
+        self.delta = delta
+        self._failed = False              # the last push failed: the engine's copies are unknown
 
     # -- public ---------------------------------------------------------------------------
     def push(self, model: nn.Module, *, full: bool = False, norm_transform: NormTransform | None = None,
@@ -179,7 +190,7 @@ class WeightSync:
             with clock.phase("preflight"):
                 plan = self._plan_for(model)
                 now = fingerprint(model)
-                full = full or self._pushed is None
+                full = full or self._pushed is None or (self.delta and self._failed)
                 changed = set(now) if full else {n for n in now if self._pushed.get(n) != now[n]}
                 if self.sharded:
                     changed = union_over_ranks(changed)
@@ -330,14 +341,22 @@ class WeightSync:
             return None
         sent = n_buckets = n_tensors = 0
         sent_digests = {} if digest else None
-        codes = self._codes.start(plan)
-        try:
-            _engine_call(self.engine.begin_update, *((version, True) if digest else (version,)))
-            for bucket in buckets(encoded, self.bucket_bytes):
+        codes = self._codes.start(plan, patches=self.delta and not full)
+        whole = {"bytes": 0}
+
+        def observed():
+            for payload in encoded:
+                whole["bytes"] += nbytes(payload)
                 if digest:
-                    sent_digests.update(digests(bucket))
+                    sent_digests.update(digests(payload))
                 with clock.phase("code_delta"):
-                    codes.observe(bucket)
+                    yield codes.observe(payload)
+
+        self._failed = True
+        try:
+            asks = {k: True for k, on in (("digest", digest), ("delta", self.delta)) if on}
+            _engine_call(self.engine.begin_update, version, **asks)
+            for bucket in buckets(observed(), self.bucket_bytes):
                 with clock.phase("load"):
                     _engine_call(self.engine.load, bucket)
                 n_buckets += 1
@@ -351,9 +370,11 @@ class WeightSync:
         except Exception as e:
             self._abort(encoded, str(e))
             raise
+        self._failed = False
         n_units = len({unit_of(ck) for n in names for ck in plan[n].checkpoint_names})
         return SyncReport(version, full, n_tensors, sent, counts["bytes_bf16"], n_units, n_buckets,
-                          digests=sent_digests, changed_code_fraction=self._codes.commit(codes))
+                          digests=sent_digests, changed_code_fraction=self._codes.commit(codes),
+                          bytes_whole=whole["bytes"])
 
     def _abort(self, encoded: Iterator, reason: str) -> None:
         """A sharded rank 0 first finishes the walk, so the other ranks' collectives complete

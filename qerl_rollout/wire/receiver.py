@@ -26,9 +26,11 @@ class WeightReceiver(Protocol):
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Checkpoint name -> (shape, dtype) of every tensor the engine accepts in `load`."""
 
-    def begin_update(self, version: int, digest: bool = False) -> None:
+    def begin_update(self, version: int, digest: bool = False, delta: bool = False) -> None:
         """`digest=True` (asked only by push checks): remember the digests of what this update
-        loads (`wire.bucket.digests`) for `received_digests()`."""
+        loads (`wire.bucket.digests`) for `received_digests()`. `delta=True` (asked only by
+        delta syncs): buckets may carry patches (`wire.delta`) against the tensors of the last
+        committed delta update, which the receiver keeps."""
 
     def received_digests(self) -> dict[str, str] | list[dict[str, str]] | None:
         """What the last committed update loaded, by name (one dict per engine behind a pool)."""

@@ -75,8 +75,8 @@ class RolloutWorker:
     def manifest(self) -> dict:
         return self.engine.manifest()
 
-    def begin_update(self, version: int, digest: bool = False) -> None:
-        self.engine.begin_update(version, digest)
+    def begin_update(self, version: int, digest: bool = False, delta: bool = False) -> None:
+        self.engine.begin_update(version, digest, delta)
 
     def received_digests(self) -> dict[str, str] | None:
         return self.engine.received_digests()

@@ -76,11 +76,12 @@ class TrainerWorker(PolicyTrainer):
         self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
 
     def connect_engines(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
-                        precision=None) -> None:
+                        precision=None, delta: bool = False) -> None:
         """A sync into these engine actors; rank 0 holds their `RayWeightReceiver`. No retry
         inside the sync: `RayTrainer.push` retries a transport failure, on every rank."""
         receiver = RayWeightReceiver(engine_workers) if self.rank == 0 else None
-        self.connect(target, receiver, bucket_bytes=bucket_bytes, scheme=scheme, precision=precision, retry=False)
+        self.connect(target, receiver, bucket_bytes=bucket_bytes, scheme=scheme, precision=precision, retry=False,
+                     delta=delta)
 
 
 TrainerWorkerActor = ray.remote(TrainerWorker)
@@ -164,9 +165,9 @@ class RayTrainer:
         return combine_rank_metrics(wait_all(refs, self.names))
 
     def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
-                names: list[str] | None = None, precision=None) -> None:
+                names: list[str] | None = None, precision=None, delta: bool = False) -> None:
         """Give every rank a sync into these engines (`names` for errors about them)."""
-        self._all("connect_engines", target, engine_workers, scheme, bucket_bytes, precision)
+        self._all("connect_engines", target, engine_workers, scheme, bucket_bytes, precision, delta)
         self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
     def push(self, target: str = "rollout", *, noise=None, version: int | None = None,

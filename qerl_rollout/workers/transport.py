@@ -145,9 +145,9 @@ class RayWeightReceiver:
     def manifest(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._manifest)
 
-    def begin_update(self, version: int, digest: bool = False) -> None:
+    def begin_update(self, version: int, digest: bool = False, delta: bool = False) -> None:
         self._drain(raise_errors=False)
-        ray.get([w.begin_update.remote(version, digest) for w in self.workers])
+        ray.get([w.begin_update.remote(version, digest, delta) for w in self.workers])
 
     def received_digests(self) -> list[dict[str, str] | None]:
         """One dict per engine: each must match what was sent."""

@@ -15,7 +15,9 @@ engine a run holds, since kernel weight caches (zentorch) reach BF16 layers too:
 process, beside an INT8 engine taking the same pushes, as a run's baseline lives. And once for
 an INT8 engine with vLLM tensor parallelism (TP 2: two CPU workers, one core each through
 VLLM_CPU_OMP_THREADS_BIND), whose pushed tensors each worker shards with vLLM's own weight
-loaders, against a fresh TP 2 engine.
+loaders, against a fresh TP 2 engine. Two cases push in the quantized domain (`sync.delta`):
+their second and third pushes move a few rows of every adapter and send only the changed
+blocks of the engine's tensors (`wire.delta`), which the engine applies to its copies.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ from fresh_engine import TARGETS_ENV, TP_ENV, engine_numbers, engine_options, en
 from test_engine_sync import lora_policy  # noqa: E402
 
 FRESH = Path(__file__).with_name("fresh_engine.py")
-# (family, scheme, TP, quant targets[,overrides]); the last two: INT8 experts beside BF16
-# attention in one engine (`rollout.quant_targets=experts`), and NVFP4 experts beside FP8
-# attention (`rollout.quant_overrides`: emulated, no CPU has both kernels).
-CASES = [("qwen3_moe", "int8", 1, "all_linear"), ("qwen2_moe", "int8", 1, "all_linear"),
-         ("mixtral", "int8", 1, "all_linear"), ("qwen3_moe", "bf16", 1, "all_linear"),
-         ("qwen3_moe", "int8", 2, "all_linear"), ("qwen3_moe", "int8", 1, "experts"),
-         ("qwen3_moe", "fp8_block", 1, "all_linear,experts=nvfp4")]
+# (family, scheme, TP, quant targets[,overrides], delta pushes); the last two: INT8 experts
+# beside BF16 attention in one engine (`rollout.quant_targets=experts`), and NVFP4 experts
+# beside FP8 attention (`rollout.quant_overrides`: emulated, no CPU has both kernels).
+CASES = [("qwen3_moe", "int8", 1, "all_linear", True), ("qwen2_moe", "int8", 1, "all_linear", False),
+         ("mixtral", "int8", 1, "all_linear", False), ("qwen3_moe", "bf16", 1, "all_linear", False),
+         ("qwen3_moe", "int8", 2, "all_linear", False), ("qwen3_moe", "int8", 1, "experts", False),
+         ("qwen3_moe", "fp8_block", 1, "all_linear,experts=nvfp4", True)]
 TP_BIND = {2: "0|1"}   # one core per TP worker (vLLM-CPU's auto-bind wants a NUMA node per worker)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -71,13 +73,15 @@ def test_int8_kernels_exist_exactly_where_the_cpu_has_them():
         resolve_mode(QuantConfig("int8", "kernel"))
 
 
-def _perturb(policy, seed: int, only: str | None = None) -> None:
-    """New random LoRA B factors (all adapters, or those whose name contains `only`)."""
+def _perturb(policy, seed: int, only: str | None = None, rows: slice | None = None) -> None:
+    """New random LoRA B factors (all adapters, or those whose name contains `only`); with
+    `rows`, only those rows of each (only those rows of the merged weights move)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name and (only is None or only in name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                part = p if rows is None else p[..., rows, :]
+                part.copy_(torch.randn(part.shape, generator=g) * 0.2)
 
 
 def _write_merged(policy, base, model_dir: Path, out: Path) -> Path:
@@ -113,11 +117,12 @@ def _fresh(checkpoints: list[Path], scheme: str, tp: int = 1) -> list[dict]:
     return results
 
 
-def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path, beside: str | None = None) -> dict:
+def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path, beside: str | None = None,
+                     delta: bool = False) -> dict:
     """Engine numbers before and after each of the three pushes, the pushes' reports, and the
     merged checkpoint written after each push. `beside`: a second engine of that scheme lives
     in the same process and takes the same pushes first (a run's rollout engine beside its
-    BF16 baseline)."""
+    BF16 baseline). `delta`: delta pushes, and updates that move rows 1-2 of each adapter."""
     quant = engine_quant(scheme)
     engine = RolloutEngine(model_dir, quant, max_model_len=256, export_dir=prepare_export(model_dir, quant),
                            **engine_options())
@@ -129,17 +134,18 @@ def push_three_times(model_dir: Path, family: str, scheme: str, out_dir: Path, b
     expert_dtype = next(dtype for name, (_, dtype) in manifest.items() if ".experts." in name and name.endswith(".weight"))
     policy = lora_policy(model_dir, family=family)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
-    sync = WeightSync(engine)
+    sync = WeightSync(engine, delta=delta)
     neighbour_syncs = [WeightSync(e) for e in neighbours]
     pushed, checkpoints, reports = [], [], []
     before = engine_numbers(engine)
     for step, only in enumerate([None, None, "self_attn"]):
         if step:
-            _perturb(policy, seed=step, only=only)
+            _perturb(policy, seed=step, only=only, rows=slice(1, 3) if delta else None)
         for other in neighbour_syncs:
             other.push(policy)
         r = sync.push(policy)
-        reports.append({"version": r.version, "full": r.full, "bytes_sent": r.bytes_sent})
+        reports.append({"version": r.version, "full": r.full, "bytes_sent": r.bytes_sent,
+                        "bytes_whole": r.bytes_whole})
         pushed.append(engine_numbers(engine))
         checkpoints.append(str(_write_merged(policy, base, model_dir, out_dir / f"step{step}")))
     engine.close()
@@ -157,14 +163,14 @@ def _in_own_process(model_dir: Path, family: str, scheme: str, out_dir: Path, tp
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("family, scheme, tp, targets", CASES)
-def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, monkeypatch, family, scheme, tp, targets):
+@pytest.mark.parametrize("family, scheme, tp, targets, delta", CASES)
+def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, monkeypatch, family, scheme, tp, targets, delta):
     monkeypatch.setenv(TARGETS_ENV, targets)       # this process's engines and the fresh ones
     model_dir = tiny_model(family)
     if tp > 1:               # vLLM's TP workers are processes of their own, bound to cores
         got = _in_own_process(model_dir, family, scheme, tmp_path, tp)
     elif scheme != "bf16":   # in this process, after the other engines of the suite
-        got = push_three_times(model_dir, family, scheme, tmp_path)
+        got = push_three_times(model_dir, family, scheme, tmp_path, delta=delta)
     else:
         # The production case: a run's BF16 baseline in the process of its INT8 rollout engine,
         # after the suite's other engines. Once (1 suite run in 3, Intel) its second push was
@@ -179,7 +185,9 @@ def test_pushes_equal_a_fresh_load(tiny_model, tmp_path, monkeypatch, family, sc
     reports, pushed = got["reports"], got["pushed"]
     assert [r["version"] for r in reports] == [1, 2, 3]
     assert [r["full"] for r in reports] == [True, False, False]
-    assert reports[2]["bytes_sent"] < 0.5 * reports[1]["bytes_sent"]   # experts stayed home
+    assert reports[2]["bytes_whole"] < 0.5 * reports[1]["bytes_whole"]   # experts stayed home
+    for r in reports[1:]:     # a delta push sends only the changed blocks of what it touches
+        assert (r["bytes_sent"] < 0.5 * r["bytes_whole"]) if delta else r["bytes_sent"] == r["bytes_whole"], r
     # TP engines start slowly on 2 cores: pushes 1 and 3 are compared there. Push 3 sends only
     # attention, so a wrong expert update in push 2 would still show in push 3's numbers.
     steps = [0, 2] if tp > 1 else [0, 1, 2]

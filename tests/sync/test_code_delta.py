@@ -1,4 +1,5 @@
-"""`sync/changed_code_fraction`: row fingerprints, and what a push reports against the codes it sent."""
+"""`sync/changed_code_fraction`: what a push reports against the codes it sent (block fingerprints:
+tests/sync/test_delta_push.py)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,13 @@ import pytest
 import torch
 
 from qerl_rollout.rollout.engine import read_manifest
-from qerl_rollout.sync.code_delta import FROZEN_AFTER, row_fingerprints
+from qerl_rollout.sync.code_delta import FROZEN_AFTER
 from qerl_rollout.sync.weight_sync import WeightSync
+from qerl_rollout.wire.delta import BLOCK_BYTES
 from qerl_rollout.wire.stream import is_code_tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recording import RecordingReceiver  # noqa: E402
-
-
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.uint8])
-def test_every_single_byte_change_marks_its_row_and_only_it(dtype):
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (7, 21), generator=g, dtype=torch.uint8).view(dtype)   # 21: padded
-    before = row_fingerprints(codes)
-    assert torch.equal(before, row_fingerprints(codes.clone()))
-    for col in range(21):
-        changed = codes.clone()
-        changed.view(torch.uint8)[4, col] ^= 1 << (col % 8)
-        assert ((row_fingerprints(changed) != before).nonzero().flatten().tolist()) == [4], col
 
 
 class _Receiver(RecordingReceiver):
@@ -41,18 +31,19 @@ def _codes(tensors: dict) -> dict:
     return {n: t for n, t in tensors.items() if is_code_tensor(n, t)}
 
 
-def _changed_rows(old: dict, new: dict) -> tuple[int, int]:
-    """Rows of the code tensors in `new` whose bytes differ from `old`'s, counted by hand."""
+def _changed_blocks(old: dict, new: dict) -> tuple[int, int]:
+    """BLOCK_BYTES blocks of the code tensors in `new` whose bytes differ from `old`'s, by hand."""
     changed = total = 0
     for name, t in new.items():
-        a, b = old[name].view(torch.uint8).reshape(t.shape[0], -1), t.view(torch.uint8).reshape(t.shape[0], -1)
-        changed += int((a != b).any(dim=1).sum())
-        total += t.shape[0]
+        a, b = old[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
+        for start in range(0, b.numel(), BLOCK_BYTES):
+            changed += int(not torch.equal(a[start:start + BLOCK_BYTES], b[start:start + BLOCK_BYTES]))
+            total += 1
     return changed, total
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nvfp4"])
-def test_a_push_reports_the_rows_of_codes_it_changed(tiny_qwen3_moe, scheme, caplog):
+def test_a_push_reports_the_blocks_of_codes_it_changed(tiny_qwen3_moe, scheme, caplog):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -73,11 +64,11 @@ def test_a_push_reports_the_rows_of_codes_it_changed(tiny_qwen3_moe, scheme, cap
         assert not report.full and report.changed_code_fraction == {"all": 0.0, "attention": 0.0}
         assert ("policy is frozen" in caplog.text) == (step == FROZEN_AFTER - 1)
 
-    # A real update of one layer's q_proj: the fraction is the rows that changed, by hand.
+    # A real update of one layer's q_proj: the fraction is the blocks that changed, by hand.
     with torch.no_grad():
         lora_b["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"].normal_(std=0.05)
     report = sync.push(policy)
     sent = _codes(receiver.tensors)
-    changed, total = _changed_rows(last, sent)
+    changed, total = _changed_blocks(last, sent)
     assert 0 < changed < total
     assert report.changed_code_fraction == {"all": changed / total, "attention": changed / total}
