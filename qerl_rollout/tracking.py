@@ -33,6 +33,8 @@ Metric names (`group/name`, so wandb groups the panels):
                                      rollout_is_eff_sample_size, rollout_is_ratio_fraction_high/low,
                                      rollout_rs_masked_fraction (rejected tokens)
     mismatch/is_weight_mean, _max    mean / max of the truncated IS weights the loss uses
+    step/seconds                     wall time of the step: rollout, train, push, and any baseline,
+                                     push check or eval it ran (checkpoints not included)
     rollout/seconds                  wall time of generation
     rollout/tokens_per_s             generated tokens per second (the speed that matters)
     rollout/response_len             mean response length in tokens

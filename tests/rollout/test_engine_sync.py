@@ -90,6 +90,8 @@ def test_push_serves_exactly_the_trainers_quantized_policy(tiny_model, tmp_path,
     engine = RolloutEngine(model_dir, QuantConfig(scheme))
     request.addfinalizer(engine.close)      # a failed check must not leave it for the next test
     assert (engine.mode, engine.version) == ("emulate", 0)
+    from vllm import ir
+    assert ir.ops.rms_norm.get_priority() == ["native"]   # torch's, as the trainer's (`rollout.cpu_norms`)
     stale = engine.score(PROMPTS, RESPONSES)
 
     policy = lora_policy(model_dir, family=family)
