@@ -30,8 +30,8 @@ How it works.
   `begin_update(v, digest=True)` also records a digest of
   every tensor loaded (`received_digests`, the push check's exact half). `begin_update(v,
   delta=True)` (delta pushes, `wire.delta`) keeps a host copy of every tensor the update loads
-  and resolves patches against the copies of the last such update before anything else sees
-  the bucket: digests, decoding and vLLM get whole tensors. `abort` after a
+  and resolves patches against the copies of earlier ones before anything else sees the
+  bucket: digests, decoding and vLLM get whole tensors; an abort drops the copies. `abort` after a
   partial load marks the engine broken: it refuses to generate until a push commits.
 - Kernels on CPU (`kernel_supported`): INT8 W8A8 runs vLLM's quantized kernels on AMX CPUs
   (oneDNN GEMM, `CPUExpertsInt8`) and on AMD Zen with zentorch; FP8 and NVFP4 emulate.
@@ -484,7 +484,7 @@ class RolloutEngine:
         self._updating: int | None = None
         self._loaded_in_update = False
         self._digests_in_update = self._received_digests = None
-        self._held = HeldTensors()           # delta pushes: the last committed tensors
+        self._held = HeldTensors()           # delta pushes: the last tensors received
         self._delta_update = False
         self._broken: str | None = None
         self._route_calls = 0

@@ -16,12 +16,14 @@ the last committed push and compares; a tensor it kept becomes three tensors on 
 They are plain named tensors, so buckets, digests and every transport carry them unchanged.
 Codes, scales and BF16 tensors are treated alike: a block is bytes.
 
-The engine side (`HeldTensors`) keeps a copy of every tensor of the last committed delta
-update; a patch is applied to a copy of it, the result's `tensor_check` must equal the sent
-one (a corrupted block, a lost update or an engine that restarted without its copies all
+The engine side (`HeldTensors`) keeps a copy of the last bytes it received of every tensor of
+a delta update; a patch is applied to a copy of it, the result's `tensor_check` must equal the
+sent one (a corrupted block, a lost update or an engine that restarted without its copies all
 fail here, with the tensor's name), and the engine loads the whole tensor as usual: vLLM
 reloads a fused layer only from all of its tensors. So a delta push saves wire bytes, not
-engine load time, and what the engine serves is the full tensor by construction.
+engine load time, and what the engine serves is the full tensor by construction. Copies are
+replaced as tensors arrive, not at commit: an aborted update drops them all, and the sender
+pushes in full after any failed push, so no second set is ever needed.
 
 Block size. Measured on the 0.43B synthetic MoE (`bench code_delta`'s updates, AMD EPYC), the
 share of code bytes in changed blocks after one LoRA step for blocks of 256 / 64 bytes: int8
@@ -31,7 +33,8 @@ moves its neighbours rarely, so small blocks pay: BLOCK_BYTES is 64.
 
 Costs. Sender: 8 bytes of fingerprint per block, 1/8 of the pushed bytes, kept in host memory;
 4 bytes of index per changed block on the wire. Engine: one host copy of the pushed
-(compressed) weights, and a copy plus a fingerprint pass per patched tensor.
+(compressed) weights (plus one tensor while it is replaced), and a copy plus a fingerprint
+pass per patched tensor.
 """
 
 from __future__ import annotations
@@ -98,41 +101,41 @@ class DeltaError(ValueError):
 
 
 class HeldTensors:
-    """The engine side of delta pushes: the last committed copy of every tensor, and patches
+    """The engine side of delta pushes: the last copy of every tensor received, and patches
     applied to it (module docstring). `begin`/`apply`/`commit`/`abort` follow the update."""
 
     def __init__(self):
-        self.committed: dict[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {}
-        self.staged: dict[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {}
+        self.held: dict[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = {}
 
     def begin(self) -> None:
-        self.staged = {}
+        """Nothing to set up: copies are replaced as tensors arrive."""
 
     def apply(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> Payload:
-        """Whole tensors for a bucket: patches resolved, every tensor kept (staged) as a copy."""
+        """Whole tensors for a bucket: patches resolved, every tensor kept as a copy."""
         out: Payload = []
         for name, t, patched in _resolve(bucket, self._patch):
             if not patched:     # a copy: a transport's buffer (Ray's object store) is not ours to keep
-                self.staged[name] = (_blocks(t).clone(), t.dtype, tuple(t.shape))
+                self.held.pop(name, None)
+                self.held[name] = (_blocks(t).clone(), t.dtype, tuple(t.shape))
             out.append((name, t))
         return out
 
     def commit(self) -> None:
-        self.committed.update(self.staged)
-        self.staged = {}
+        """Nothing to do: the copies are already the update's."""
 
     def abort(self) -> None:
-        self.staged = {}
+        """Part of the update replaced part of the copies: drop them all (the next push is full)."""
+        self.clear()
 
     def clear(self) -> None:
-        self.committed, self.staged = {}, {}
+        self.held = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() for b, _, _ in self.committed.values())
+        return sum(b.numel() for b, _, _ in self.held.values())
 
     def _patch(self, name: str, index: torch.Tensor, data: torch.Tensor, check: torch.Tensor) -> torch.Tensor:
-        held = self.staged.get(name) or self.committed.get(name)
+        held = self.held.get(name)
         if held is None:
             raise DeltaError(f"a delta for {name!r} arrived but the engine holds no copy of it "
                              "(a restarted engine, or a push that was not a delta push): push in full")
@@ -143,8 +146,8 @@ class HeldTensors:
         blocks[index.long()] = data
         if not torch.equal(tensor_check(block_fingerprints(blocks)), check.to(blocks.device)):
             raise DeltaError(f"{name!r} after its delta is not the tensor the trainer sent (a corrupted "
-                             "block, or the engine's copy is not the last committed push): push in full")
-        self.staged[name] = (blocks, dtype, shape)
+                             "block, or the engine's copy is not the last push's): push in full")
+        self.held[name] = (blocks, dtype, shape)
         n = torch.Size(shape).numel() * dtype.itemsize
         return blocks.reshape(-1)[:n].view(dtype).reshape(shape)
 

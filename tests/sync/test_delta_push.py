@@ -89,23 +89,27 @@ def test_a_corrupted_block_a_missing_copy_and_a_split_patch_are_refused():
     held.begin()
     with pytest.raises(DeltaError, match="'w' after its delta is not the tensor the trainer sent"):
         held.apply(bad)
-    held.abort()
-    held.begin()
     with pytest.raises(DeltaError, match="incomplete delta"):
         held.apply(patch[:2])
-    held.abort()
-    # after the aborts the committed copy is untouched: the good patch still applies
+    # a refused patch leaves the copy it was meant for: the good patch still applies
     assert torch.equal(_push(held, patch)["w"], new)
 
 
-def test_an_aborted_update_leaves_the_committed_copies():
+def test_an_aborted_update_drops_every_copy_until_a_full_push():
+    """Copies are replaced as tensors arrive, so an abort leaves a mix of two pushes: the engine
+    drops them all, refuses the next patch, and takes a full push (the sender's next push is
+    full after any failure anyway)."""
     old, held = _random((32, 64), torch.int8), HeldTensors()
-    _push(held, [("w", old)])
+    other = _random((8, 64), torch.int8, seed=1)
+    _push(held, [("w", old), ("v", other)])
     held.begin()
-    held.apply([("w", old + 1)])                         # staged, then aborted
+    held.apply([("w", old + 1)])                         # half an update, then aborted
     held.abort()
-    unchanged = encode("w", old, block_fingerprints(old), block_fingerprints(old))
-    assert torch.equal(_push(held, unchanged)["w"], old)
+    unchanged = encode("v", other, block_fingerprints(other), block_fingerprints(other))
+    with pytest.raises(DeltaError, match="holds no copy"):
+        held.apply(unchanged)
+    assert torch.equal(_push(held, [("w", old), ("v", other)])["w"], old)
+    assert torch.equal(_push(held, unchanged)["v"], other) and held.nbytes == old.numel() + other.numel()
 
 
 # -- the sync ----------------------------------------------------------------------------------
