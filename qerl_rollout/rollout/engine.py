@@ -491,6 +491,9 @@ class RolloutEngine:
         if self._on_cpu:
             n = self.llm.apply_model(_install_cpu_moe_reload_fix)[0]
             log.debug("wrapped %d CPU MoE layers for faithful reloads", n)
+            # Kernel caches are per process and keyed by buffer address: an engine closed in
+            # this process left entries that this engine's weights, at reused addresses, would hit.
+            self.llm.apply_model(clear_kernel_caches)
         if self.mode == "emulate" and self.quant.quantized:
             self._load_qdq_checkpoint()
         log.info("engine ready in %.1f s: %s, %s %s", time.perf_counter() - started, load_dir.name, self.scheme,
@@ -706,6 +709,8 @@ class RolloutEngine:
         if llm is None:
             return
         try:
+            if self._on_cpu:     # entries keyed by addresses about to be freed (see __init__)
+                llm.apply_model(clear_kernel_caches)
             llm.llm_engine.engine_core.shutdown()
         except Exception as e:   # shutting down must not raise over the caller's own error
             log.warning("vLLM engine shutdown failed: %s", e)
