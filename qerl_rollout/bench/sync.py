@@ -1,6 +1,7 @@
 """Weight-sync cost: bytes on the wire and seconds per push, against restarting the engine.
 
     python -m qerl_rollout.bench sync [--out FILE.json] [--quick] [--schemes bf16 nvfp4 ...]
+    python -m qerl_rollout.bench sync --transport object_store collective [...]   (`bench.transport`)
 
 What it measures, in one process, for each model and scheme (bf16, fp8_block, fp8_channel,
 nvfp4):
@@ -39,7 +40,8 @@ push >= 10x faster than a restart. Timings are wall-clock on whatever machine ru
 and on a shared CPU they are noisy. `--quick` runs the tiny model with bf16 and fp8_block.
 
 Left out: GPUs and kernel mode (on CPU the engine runs in emulate mode, so `load` pays a
-dequantize a GPU kernel-mode engine would not), cross-process transports, and LoRA on
+dequantize a GPU kernel-mode engine would not), cross-process transports (`--transport`
+runs `bench.transport` instead: engine actors, the object store against the gloo group), and LoRA on
 experts (a delta push would then re-send the experts too).
 """
 
@@ -278,6 +280,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     vllm_env_defaults(1)
+    if argv and any(a == "--transport" or a.startswith("--transport=") for a in argv):
+        from qerl_rollout.bench import transport  # the same pushes through each transport
+
+        return transport.main(argv)
     args = parse_args(argv)
     schemes = args.schemes or (QUICK_SCHEMES if args.quick else QUANT_SCHEMES)
     models = args.models or (["tiny"] if args.quick else list(SYNC_MODELS))

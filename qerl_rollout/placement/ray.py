@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def init_ray(ray_address: str, local_cpus: float) -> None:
     except ConnectionError as e:
         raise LayoutError(f"no Ray cluster answers at {address!r} (placement.ray_address or "
                           f"RAY_ADDRESS): {str(e).splitlines()[0]}") from None
+
+
+@contextmanager
+def local_ray(num_cpus: float):
+    """A local Ray cluster for the `with` block (benchmarks, tools), shut down after it."""
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class EnginePool:
@@ -151,18 +162,20 @@ class RayPlacement:
         self._remove_pg = remove_placement_group
         try:
             self.layout = self._plan(cfg, model_dir, with_baseline)
-            log.info("placement %s", self.layout.describe())
+            self.transport = resolve_transport(cfg.rollout.transport)
+            log.info("placement %s; weights travel by %s", self.layout.describe(), self.transport)
             self._pg = placement_group(self.layout.bundles, strategy="PACK")
             ray.get(self._pg.ready(), timeout=600)
             self.trainer = RayTrainer.start(self.layout.trainers, self._pg, policy_cfg, grpo, cfg.mismatch)
             self.rollout = self._engines(model_dir, self.layout.engines, cfg.rollout.scheme, engine_options)
             self.trainer.connect("rollout", self.rollout.workers, cfg.rollout.scheme, cfg.rollout.bucket_mb << 20,
-                                 self.rollout.names, cfg.rollout.precision, delta=cfg.sync.delta)
+                                 self.rollout.names, cfg.rollout.precision, delta=cfg.sync.delta,
+                                 transport=self.transport)
             if self.layout.baseline is not None:
                 self.baseline = self._engines(model_dir, [self.layout.baseline], "bf16",
                                               {**engine_options, "return_routes": False}, name="baseline engine")
                 self.trainer.connect("baseline", self.baseline.workers, "bf16", cfg.rollout.bucket_mb << 20,
-                                     self.baseline.names, delta=cfg.sync.delta)
+                                     self.baseline.names, delta=cfg.sync.delta, transport=self.transport)
             self._write_workers(run_dir)
         except BaseException:
             self.close()
@@ -227,6 +240,11 @@ class RayPlacement:
             self._pg = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def resolve_transport(name: str) -> str:
+    """`rollout.transport`: "auto" is the collective transport (`workers.collective`)."""
+    return "collective" if name == "auto" else name
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -6,8 +6,11 @@
 its process group) and `RayTrainer`, which drives N of them.
 `transport`: `RayWeightReceiver`, the trainer-side end of a weight push through Ray's
 object store, and the GPU transports' design.
+`collective`: `CollectiveWeightReceiver`, the same push over a gloo group from the trainer
+straight into each engine actor (`rollout.transport=collective`).
 """
 
+from qerl_rollout.workers.collective import CollectiveWeightReceiver
 from qerl_rollout.workers.rollout_worker import (
     RolloutWorker,
     RolloutWorkerActor,
@@ -20,5 +23,5 @@ from qerl_rollout.workers.transport import (
     unpack_bucket,
 )
 
-__all__ = ["PackedBucket", "RayWeightReceiver", "RolloutWorker", "RolloutWorkerActor",
+__all__ = ["CollectiveWeightReceiver", "PackedBucket", "RayWeightReceiver", "RolloutWorker", "RolloutWorkerActor",
            "pack_bucket", "start_rollout_worker", "unpack_bucket"]

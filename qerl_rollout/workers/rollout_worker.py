@@ -11,7 +11,9 @@ How it works.
   `info()`, which returns mode, scheme, version and manifest in one round trip.
 - `load` takes a `PackedBucket` (see `transport.py`); pass it as `ray.put(...)` object
   reference and Ray resolves it to zero-copy views of the object store before the call.
-  The trainer side of this is `transport.RayWeightReceiver`.
+  The trainer side of this is `transport.RayWeightReceiver`. With the collective transport
+  (`collective.py`) the actor joins the trainer's gloo group once (`join_weight_group`) and
+  `receive(layout)` takes each bucket's bytes over it instead.
 - Calls run one at a time in submission order (a plain, non-async actor), so a `generate`
   submitted during a push waits for the calls before it and then raises
   `EngineStateError` if the update has not committed.
@@ -31,6 +33,7 @@ import ray
 
 from qerl_rollout.rollout.engine import engine_env, set_engine_env
 from qerl_rollout.rollout.types import QuantConfig, Sample
+from qerl_rollout.wire.bucket import BucketLayout
 from qerl_rollout.workers.transport import PackedBucket, unpack_bucket
 
 
@@ -44,6 +47,7 @@ class RolloutWorker:
 
         self.engine = RolloutEngine(model_dir, quant, seed=seed, max_model_len=max_model_len,
                                     **engine_options)
+        self._weight_group = None   # `join_weight_group`: the collective transport's
 
     def process(self) -> dict:
         """This actor's pid and node (for naming it in errors and workers.json)."""
@@ -83,6 +87,28 @@ class RolloutWorker:
 
     def load(self, packed: PackedBucket) -> None:
         self.engine.load(unpack_bucket(packed))
+
+    def join_weight_group(self, address: str, rank: int, world: int, timeout_s: float) -> None:
+        """Join the trainer's weight group (`collective.CollectiveWeightReceiver`), replacing
+        any earlier one."""
+        from qerl_rollout.workers.collective import weight_group
+
+        self._weight_group = None
+        self._weight_group = weight_group(address, rank, world, timeout_s)
+
+    def receive(self, layout: BucketLayout) -> None:
+        """A bucket over the weight group: received first (the trainer's send never waits on
+        an engine error), then loaded."""
+        from qerl_rollout.workers.collective import receive_bucket
+
+        if self._weight_group is None:
+            raise RuntimeError("no weight group to receive from: join_weight_group first")
+        try:
+            bucket = receive_bucket(self._weight_group, layout)
+        except RuntimeError:
+            self._weight_group = None       # the trainer forms a new group after a failed send
+            raise
+        self.engine.load(bucket)
 
     def commit(self, version: int) -> None:
         self.engine.commit(version)

@@ -12,8 +12,9 @@ How it works.
   that the ranks all-reduce, so the update is the single-process one (up to reduction order).
 - Each rank is a `placement.trainer.PolicyTrainer` (the local placement's trainer too).
 - `connect(target, engine_workers, ...)` gives every rank a sharded `WeightSync` for a set of
-  engines ("rollout", "baseline"); rank 0 holds the `RayWeightReceiver` that puts each bucket
-  into the object store once for all of them. `push(target, ...)` runs it on every rank and
+  engines ("rollout", "baseline"); rank 0 holds the receiver: `RayWeightReceiver` puts each
+  bucket into the object store once for all of them, `CollectiveWeightReceiver`
+  (`rollout.transport=collective`) sends it to each over a gloo group. `push(target, ...)` runs it on every rank and
   returns rank 0's report; a transport failure is retried once in full, on every rank.
 - `save_state(path)` / `load_state(path)`: every rank writes or reads its own shards of the
   checkpoint directory (`Policy.save_state`); the driver passes the path, never the tensors.
@@ -40,6 +41,7 @@ from qerl_rollout.layout import Slot, WorkerDiedError
 from qerl_rollout.placement.trainer import PolicyTrainer
 from qerl_rollout.rl.policy import Policy, TokenBatch, combine_rank_metrics
 from qerl_rollout.sync.weight_sync import TransportError
+from qerl_rollout.workers.collective import CollectiveWeightReceiver
 from qerl_rollout.workers.transport import RayWeightReceiver
 
 log = logging.getLogger(__name__)
@@ -76,10 +78,13 @@ class TrainerWorker(PolicyTrainer):
         self.policy = Policy(replace(policy_cfg, device=device), grpo, mismatch, distributed=self.world > 1)
 
     def connect_engines(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
-                        precision=None, delta: bool = False) -> None:
-        """A sync into these engine actors; rank 0 holds their `RayWeightReceiver`. No retry
+                        precision=None, delta: bool = False, transport: str = "object_store") -> None:
+        """A sync into these engine actors; rank 0 holds their receiver (`transport`:
+        "object_store", `RayWeightReceiver`; "collective", `CollectiveWeightReceiver`). No retry
         inside the sync: `RayTrainer.push` retries a transport failure, on every rank."""
-        receiver = RayWeightReceiver(engine_workers) if self.rank == 0 else None
+        receiver = None
+        if self.rank == 0:
+            receiver = (CollectiveWeightReceiver if transport == "collective" else RayWeightReceiver)(engine_workers)
         self.connect(target, receiver, bucket_bytes=bucket_bytes, scheme=scheme, precision=precision, retry=False,
                      delta=delta)
 
@@ -165,9 +170,10 @@ class RayTrainer:
         return combine_rank_metrics(wait_all(refs, self.names))
 
     def connect(self, target: str, engine_workers: list, scheme: str, bucket_bytes: int,
-                names: list[str] | None = None, precision=None, delta: bool = False) -> None:
+                names: list[str] | None = None, precision=None, delta: bool = False,
+                transport: str = "object_store") -> None:
         """Give every rank a sync into these engines (`names` for errors about them)."""
-        self._all("connect_engines", target, engine_workers, scheme, bucket_bytes, precision, delta)
+        self._all("connect_engines", target, engine_workers, scheme, bucket_bytes, precision, delta, transport)
         self._engines[target] = (engine_workers, names or [f"engine {i}" for i in range(len(engine_workers))])
 
     def push(self, target: str = "rollout", *, noise=None, version: int | None = None,

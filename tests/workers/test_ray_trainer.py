@@ -4,7 +4,8 @@
   loss and gradient norm to 1e-5 (relative), the updated weights within the AdamW bound of
   `one_step` (the ranks only re-order the fp32 gradient sums).
 - A push from the sharded trainer into a 2-engine pool reaches both engines; 2 engines give
-  the same samples as 1 engine for the same prompts and seeds. A push into a pool with a dead
+  the same samples as 1 engine for the same prompts and seeds (the 1-engine pool is pushed
+  through Ray's object store, the 2-engine pool over a gloo group: `workers.collective`). A push into a pool with a dead
   engine names it, and leaves both ranks able to push again (neither waits in a collective).
 """
 
@@ -80,8 +81,8 @@ def _pool(model_dir, n: int) -> EnginePool:
 def test_two_engines_sample_what_one_engine_samples_after_a_sharded_push(trainer, tiny_qwen3_moe):
     one, two = _pool(tiny_qwen3_moe, 1), _pool(tiny_qwen3_moe, 2)
     try:
-        trainer.connect("one", one.workers, "fp8_block", 1 << 20)
-        trainer.connect("two", two.workers, "fp8_block", 1 << 20)
+        trainer.connect("one", one.workers, "fp8_block", 1 << 20)                       # Ray's object store
+        trainer.connect("two", two.workers, "fp8_block", 1 << 20, transport="collective")  # a gloo group
         for target in ("one", "two"):
             report = trainer.push(target)
             assert report.full and report.version == 1

@@ -1,13 +1,18 @@
-"""Weight pushes into a `RolloutWorker` actor through Ray's object store (a real local Ray).
+"""Weight pushes into a `RolloutWorker` actor through Ray's object store and over a gloo
+group (`workers.collective`), with a real local Ray.
 
 One actor engine and one in-process engine (tiny Qwen3-MoE, fp8_block, emulate on CPU) are
 shared by the module. Both receive the same push of a peft-LoRA policy; the actor's scores
 and seeded samples must equal the in-process engine's exactly, since the same bytes reach
 the same vLLM code; so must the experts each token was routed to, byte for byte. Per-dtype packing round trips go through a separate Ray worker process
-and are compared byte for byte.
+and are compared byte for byte. The collective push must load, byte for byte, what the
+in-process push loads; an engine killed between two of its buckets must fail the push at once,
+named, without leaving the live engine waiting.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import ray
@@ -16,12 +21,14 @@ import torch
 from qerl_rollout.config import QuantConfig
 from qerl_rollout.rollout.types import EngineStateError
 from qerl_rollout.sync.weight_sync import TransportError, WeightSync
+from qerl_rollout.wire.bucket import ALIGN, flatten, unflatten
 from qerl_rollout.workers import (
     RayWeightReceiver,
     pack_bucket,
     start_rollout_worker,
     unpack_bucket,
 )
+from qerl_rollout.workers.collective import CollectiveWeightReceiver
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]]
 RESPONSES = [[21, 22, 23, 24], [31, 32, 33]]
@@ -143,6 +150,143 @@ def test_failed_load_in_actor_surfaces_and_blocks_serving(pushed, worker, policy
     report = WeightSync(receiver, bucket_bytes=BUCKET_BYTES).push(policy)
     assert report.version == receiver.version == 2
     assert ray.get(worker.score.remote(PROMPTS, RESPONSES)) == local.score(PROMPTS, RESPONSES)
+
+
+def _nudge(policy, seed: int) -> None:
+    """An optimizer step: every LoRA B moves (so every attention unit travels again)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def test_collective_push_delivers_what_the_in_process_push_loads(pushed, worker, policy):
+    """Over the gloo group, the actor loads byte for byte what was sent and what an in-process
+    push of the same policy loads, so it serves the same numbers exactly."""
+    local, *_ = pushed
+    _nudge(policy, seed=1)
+    collective = CollectiveWeightReceiver(worker)
+    report = WeightSync(collective, bucket_bytes=BUCKET_BYTES).push(policy, digest=True)
+    local_report = WeightSync(local, bucket_bytes=BUCKET_BYTES).push(policy, digest=True)
+    assert report.full and report.buckets > 1 and report.buckets == local_report.buckets
+    assert collective.received_digests() == [report.digests]
+    assert report.digests == local_report.digests and local.received_digests() == report.digests
+    assert ray.get(worker.score.remote(PROMPTS, RESPONSES)) == local.score(PROMPTS, RESPONSES)
+    _nudge(policy, seed=2)                             # a second push over the same group
+    report = WeightSync(collective, bucket_bytes=BUCKET_BYTES).push(policy, digest=True)
+    WeightSync(local, bucket_bytes=BUCKET_BYTES).push(policy)
+    assert collective.received_digests() == [report.digests]
+    assert ray.get(worker.score.remote(PROMPTS, RESPONSES)) == local.score(PROMPTS, RESPONSES)
+
+
+@ray.remote(num_cpus=0)
+class _Sink:
+    """The transport's end of an engine, without the engine: joins the weight group, receives
+    buckets and keeps their digests. It stands in for a second engine that dies mid-push."""
+
+    def __init__(self, info: dict):
+        self._info, self._version, self._group, self.digests = info, info["version"], None, {}
+
+    def info(self):
+        return {**self._info, "version": self._version}
+
+    def version(self):
+        return self._version
+
+    def begin_update(self, version, digest=False, delta=False):
+        self.digests = {}
+
+    def join_weight_group(self, address, rank, world, timeout_s):
+        from qerl_rollout.workers.collective import weight_group
+
+        self._group = weight_group(address, rank, world, timeout_s)
+
+    def receive(self, layout):
+        from qerl_rollout.wire.bucket import digests
+        from qerl_rollout.workers.collective import receive_bucket
+
+        self.digests.update(digests(receive_bucket(self._group, layout)))
+
+    def commit(self, version):
+        self._version = version
+
+    def abort(self, reason):
+        pass
+
+
+class _KillBefore:
+    """Passes every call to a receiver; kills `actor` (and waits until it is dead) before
+    bucket `at` is loaded."""
+
+    def __init__(self, inner, actor, at: int):
+        self.inner, self.actor, self.at, self.loads = inner, actor, at, 0
+        self.mode, self.scheme, self.precision, self.manifest = inner.mode, inner.scheme, inner.precision, inner.manifest
+
+    @property
+    def version(self):
+        return self.inner.version
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, bucket):
+        self.loads += 1
+        if self.loads == self.at:
+            ray.get(self.actor.version.remote())         # its calls run in order: bucket at-1 is in
+            ray.kill(self.actor)
+            _wait_dead(self.actor)
+        self.inner.load(bucket)
+
+
+def _wait_dead(actor, timeout_s: float = 30.0) -> None:
+    """Until calls to `actor` fail (`ray.kill` returns before the process is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.version.remote())
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
+
+
+def test_an_engine_dying_mid_collective_push_is_named_and_leaves_no_one_waiting(pushed, worker, policy):
+    """Engine 1 dies between two buckets: the send to it fails at once (not after the group's
+    60 s timeout), engine 0 still gets every byte of that bucket and is told to abort, and a
+    later push into engine 0 alone, over a new group, serves the in-process engine's numbers."""
+    local, *_ = pushed
+    sink = _Sink.remote(ray.get(worker.info.remote()))
+    killer = _KillBefore(CollectiveWeightReceiver([worker, sink], timeout_s=60), sink, at=2)
+    _nudge(policy, seed=3)
+    sync = WeightSync(killer, bucket_bytes=BUCKET_BYTES, retry_full_on_transport_error=False)
+    start = time.monotonic()
+    with pytest.raises(TransportError, match="weight send failed to engine 1: .*(closed|reset|Read error)"):
+        sync.push(policy)
+    assert time.monotonic() - start < 30
+    assert killer.loads == 2
+    with pytest.raises(EngineStateError):            # the update engine 0 began never commits
+        ray.get(worker.generate.remote(PROMPTS, max_tokens=2))
+    WeightSync(CollectiveWeightReceiver(worker), bucket_bytes=BUCKET_BYTES).push(policy)
+    WeightSync(local, bucket_bytes=BUCKET_BYTES).push(policy)
+    assert ray.get(worker.score.remote(PROMPTS, RESPONSES)) == local.score(PROMPTS, RESPONSES)
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float8_e4m3fn", "uint8", "float32",
+                                  "bfloat16_transposed", "float32_scalar"])
+def test_flattened_bucket_round_trip_is_bit_exact(case):
+    tensor = _special_values(case)
+    odd = torch.arange(7, dtype=torch.uint8)           # 7 bytes: the next tensor starts aligned anyway
+    layout, buffer = flatten([("odd", odd), ("x.weight", tensor), ("empty", torch.empty(0, 3))])
+    assert layout.offsets == (0, ALIGN, ALIGN + -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN)
+    back = dict(unflatten(layout, buffer))
+    assert torch.equal(back["odd"], odd) and back["empty"].shape == (0, 3)
+    got = back["x.weight"]
+    assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape)
+    assert got.reshape(-1).view(torch.uint8).tolist() == tensor.contiguous().reshape(-1).view(torch.uint8).tolist()
+    assert got.data_ptr() == buffer.data_ptr() + ALIGN          # a view of the buffer, no copy
+    with pytest.raises(ValueError, match="arrived as"):
+        unflatten(layout, buffer[:-1])
 
 
 def test_unpacked_tensors_view_the_packed_bytes():
