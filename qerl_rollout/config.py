@@ -86,9 +86,10 @@ class RolloutConfig:
     # 17-23% faster rollouts, numbers a little further from the trainer's; `rollout.cpu_norms`).
     cpu_rmsnorm: str = "torch"
     # How pushed weights reach engine actors on Ray: "object_store" (Ray's shared memory),
-    # "collective" (a gloo group from the trainer straight into each engine,
-    # `workers.collective`), "auto" (collective). The local placement's engines share the
-    # trainer's process and take tensors directly, whatever this says.
+    # "collective" (a gloo group from trainer rank 0 straight into each engine,
+    # `workers.collective`), "auto" (the object store where every engine is on rank 0's node,
+    # else collective: `placement.ray.resolve_transport`). The local placement's engines share
+    # the trainer's process and take tensors directly, whatever this says.
     transport: str = "auto"
 
     @property

@@ -101,16 +101,20 @@ def test_short_run_trains_pushes_and_records(tmp_path, capfd):
 @pytest.mark.parametrize("placement", ["split", "colocated"])
 def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
     """The tiny run on Ray: 2 FSDP2 ranks (gloo), 2 engines, and under split the held-out
-    eval's BF16 engine too (a bundle of its own)."""
+    eval's BF16 engine too (a bundle of its own). Split pushes over the gloo group
+    (`rollout.transport=collective`), colocated through the object store ("auto" on one node)."""
     evaluate = delta = placement == "split"
     argv = [f"run.output_dir={tmp_path}", "tracking.run_name=r", "run.steps=3", "run.router_stats_every=2",
             f"placement.mode={placement}", "trainer.num_workers=2", "rollout.num_engines=2",
             "rollout.prompts_per_step=4", f"eval.every={3 if evaluate else 0}",
-            "tracking.wandb_mode=disabled", f"sync.delta={delta}", f"sync.verify_every={1 if delta else 50}"]
+            "tracking.wandb_mode=disabled", f"sync.delta={delta}", f"sync.verify_every={1 if delta else 50}",
+            f"rollout.transport={'collective' if placement == 'split' else 'auto'}"]
     if delta:   # a step small enough that most codes stay: the pushes after the first are patches
         argv.append("policy.lr=1e-5")
-    with caplog.at_level("WARNING", logger="qerl_rollout.placement.ray"):
+    with caplog.at_level("INFO", logger="qerl_rollout.placement.ray"):
         assert train.main(argv) == 0
+    transport = "collective" if placement == "split" else "object_store"
+    assert f"weights travel to the engines by {transport}" in caplog.text
     run_dir = tmp_path / "r"
     rows = _check_three_steps(run_dir, placement)
     # Both engines' routes reach both ranks, whose counts are all-reduced: on step 2 only.
@@ -134,7 +138,7 @@ def test_two_trainer_workers_and_two_engines_run(tmp_path, placement, caplog):
     # The first push's check: both engines hold exactly what was sent; a 2-rank trainer holds no
     # whole policy, so the logits half does not run there.
     assert rows[0]["sync/verify_hash_ok"] == 1.0 and "sync/verify_max_dlogp" not in rows[0]
-    if delta:   # split: delta pushes through Ray to both engines, each checked by hash
+    if delta:   # split: delta pushes over the gloo group to both engines, each checked by hash
         assert [r["sync/verify_hash_ok"] for r in rows] == [1.0] * 3
         assert rows[0]["sync/delta_ratio"] == 1.0 and all(r["sync/delta_ratio"] < 0.9 for r in rows[1:])
 

@@ -317,3 +317,14 @@ def _special_values(case: str) -> torch.Tensor:
     if case == "float32":
         return values.reshape(8, 8)
     return torch.tensor(0.1234567)   # float32_scalar (0-d, like an NVFP4 global scale)
+
+
+@pytest.mark.parametrize("name, engine_nodes, want", [
+    ("auto", ["10.0.0.1", "10.0.0.1"], "object_store"),   # one node: shared memory (measured faster)
+    ("auto", ["10.0.0.1", "10.0.0.2"], "collective"),     # an engine elsewhere
+    ("collective", ["10.0.0.1"], "collective"), ("object_store", ["10.0.0.2"], "object_store"),
+])
+def test_auto_transport_follows_where_the_engines_are(name, engine_nodes, want):
+    from qerl_rollout.placement.ray import resolve_transport
+
+    assert resolve_transport(name, "10.0.0.1", engine_nodes) == want
