@@ -6,9 +6,10 @@ How it works.
 - Group. `CollectiveWeightReceiver(workers)` lives on the trainer's rank 0. At the first
   `begin_update` it opens a TCP store on its own node (its IP, a free port) and every engine
   actor joins (`RolloutWorker.join_weight_group`): one gloo group of 1 + M ranks, the trainer
-  rank 0 and engine i rank i + 1. It is built as a bare `ProcessGroupGloo` on that store
-  (`weight_group`), apart from the trainer's own FSDP2 group and from vLLM's, so neither side
-  needs a default group and neither group sees the other.
+  rank 0 and engine i rank i + 1. The store binds before any engine is asked to join (a
+  taken port fails there, at once). The group is a bare `ProcessGroupGloo` on that store
+  (`weight_store`, `weight_group`), apart from the trainer's own FSDP2 group and from vLLM's,
+  so neither side needs a default group and neither group sees the other.
 - Bucket. `load(bucket)` lays the bucket's bytes in one buffer (`wire.bucket.flatten`: one
   copy, overlapping the engines' load of the previous bucket), waits until every engine has
   loaded that previous bucket, sends each engine the layout (names, dtypes, shapes, offsets:
@@ -70,14 +71,19 @@ def free_address() -> str:
     return f"{ray.util.get_node_ip_address()}:{port}"
 
 
-def weight_group(address: str, rank: int, world: int, timeout_s: float = TIMEOUT_S) -> dist.ProcessGroup:
-    """A gloo group of `world` ranks that meet at `address` (rank 0 hosts the store); it
-    returns once all of them have joined. Not registered with torch.distributed: use its
-    methods (`send`, `recv`), not `dist.send`."""
+def weight_store(address: str, rank: int, world: int, timeout_s: float = TIMEOUT_S) -> dist.Store:
+    """The group's rendezvous: rank 0 binds `address` (at once: a taken port fails here, before
+    any engine is asked to join), the others connect to it, retrying until `timeout_s`."""
     host, port = address.rsplit(":", 1)
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout, wait_for_workers=False)
-    return dist.ProcessGroupGloo(dist.PrefixStore("qerl_weights", store), rank, world, timeout)
+    store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    return dist.PrefixStore("qerl_weights", store)
+
+
+def weight_group(store: dist.Store, rank: int, world: int, timeout_s: float = TIMEOUT_S) -> dist.ProcessGroup:
+    """A gloo group of `world` ranks meeting at `store`; returns once all of them have joined.
+    Not registered with torch.distributed: use its methods (`send`, `recv`), not `dist.send`."""
+    return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=timeout_s))
 
 
 def receive_bucket(group: dist.ProcessGroup, layout: BucketLayout) -> list[tuple[str, torch.Tensor]]:
@@ -105,9 +111,10 @@ class CollectiveWeightReceiver(RayWeightReceiver):
 
     def _form_group(self) -> dist.ProcessGroup:
         address, world = free_address(), 1 + len(self.workers)
+        store = weight_store(address, 0, world, self.timeout_s)
         joins = [w.join_weight_group.remote(address, rank, world, self.timeout_s)
                  for rank, w in enumerate(self.workers, 1)]
-        group = weight_group(address, 0, world, self.timeout_s)
+        group = weight_group(store, 0, world, self.timeout_s)
         ray.get(joins)
         return group
 

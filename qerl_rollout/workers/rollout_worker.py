@@ -91,10 +91,10 @@ class RolloutWorker:
     def join_weight_group(self, address: str, rank: int, world: int, timeout_s: float) -> None:
         """Join the trainer's weight group (`collective.CollectiveWeightReceiver`), replacing
         any earlier one."""
-        from qerl_rollout.workers.collective import weight_group
+        from qerl_rollout.workers.collective import weight_group, weight_store
 
         self._weight_group = None
-        self._weight_group = weight_group(address, rank, world, timeout_s)
+        self._weight_group = weight_group(weight_store(address, rank, world, timeout_s), rank, world, timeout_s)
 
     def receive(self, layout: BucketLayout) -> None:
         """A bucket over the weight group: received first (the trainer's send never waits on

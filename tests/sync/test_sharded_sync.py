@@ -60,7 +60,7 @@ def sharded_run(tiny_model, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", "29561", str(HERE / "sharded_push.py"), str(model_dir), str(tmp / "lora.pt"),
            str(out), *(f"{s}={d}" for s, d in dirs.items())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}   # an abort prints its Python stacks
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return model_dir, lora, dirs, out

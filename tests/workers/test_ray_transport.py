@@ -198,9 +198,9 @@ class _Sink:
         self.digests = {}
 
     def join_weight_group(self, address, rank, world, timeout_s):
-        from qerl_rollout.workers.collective import weight_group
+        from qerl_rollout.workers.collective import weight_group, weight_store
 
-        self._group = weight_group(address, rank, world, timeout_s)
+        self._group = weight_group(weight_store(address, rank, world, timeout_s), rank, world, timeout_s)
 
     def receive(self, layout):
         from qerl_rollout.wire.bucket import digests
