@@ -33,6 +33,9 @@ RAY_FILES = ("tests/workers/", "tests/test_resume.py", "tests/test_train.py")
 # tests' actors got the CPU last, and that worker was the suite's long pole (the split resume
 # test 384 s under xdist, ~100-127 s alone). At 0 both workers share the cores evenly.
 os.environ.setdefault("RAY_worker_niceness", "0")
+# The environment the suite started with, before any engine ran in a worker: vLLM sets
+# LD_PRELOAD, LOCAL_WORLD_SIZE and others in the process that starts one (`launch_env`).
+SUITE_ENV = dict(os.environ)
 
 
 @pytest.hookimpl(tryfirst=True)     # before xdist's own hook reads the xdist_group marks
@@ -57,6 +60,15 @@ def pytest_report_header(config):
 def _export_cache(tmp_path_factory):
     """Kernel-mode exports of the suite go to a session directory, not ~/.cache."""
     os.environ.setdefault("QERL_EXPORT_CACHE", str(tmp_path_factory.mktemp("exports")))
+
+
+@pytest.fixture(scope="session")
+def launch_env():
+    """Factory: `launch_env(**extra)` -> an environment for a multi-process launch (torchrun)
+    that is the suite's starting one, not whatever in-process engines and runs have added to
+    this worker's since (two full AMD suite runs in three lost both ranks of the sharded-sync
+    launch to "terminate called without an active exception"; it passed alone every time)."""
+    return lambda **extra: {**SUITE_ENV, **extra}
 
 
 @pytest.fixture(scope="session")

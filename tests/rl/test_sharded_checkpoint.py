@@ -19,7 +19,6 @@ loaded by 3 ranks, by 2 ranks and by one process. What must hold:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,19 +33,19 @@ from qerl_rollout.rl.policy import Policy
 SCRIPT = Path(__file__).parent / "sharded_checkpoint.py"
 
 
-def _ranks(mode: str, n: int, model_dir, out: Path, port: int) -> list[dict]:
+def _ranks(mode: str, n: int, model_dir, out: Path, port: int, env: dict) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
            str(port), str(SCRIPT), mode, str(model_dir), str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**env, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"{mode}-{n}-rank{r}.json").read_text()) for r in range(n)]
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_qwen3_moe, tmp_path_factory):
+def saved(tiny_qwen3_moe, tmp_path_factory, launch_env):
     out = tmp_path_factory.mktemp("sharded_checkpoint")
-    ranks = _ranks("save", 2, tiny_qwen3_moe, out, 29571)
+    ranks = _ranks("save", 2, tiny_qwen3_moe, out, 29571, launch_env())
     return out, ranks, torch.load(out / "reference.pt", weights_only=False)
 
 
@@ -86,9 +85,9 @@ def test_the_save_gathers_nothing_and_each_rank_writes_its_shard(saved):
 
 
 @pytest.mark.parametrize("world, port", [(3, 29572), (2, 29573)])
-def test_a_sharded_state_loads_into_any_number_of_ranks_exactly(saved, tiny_qwen3_moe, world, port):
+def test_a_sharded_state_loads_into_any_number_of_ranks_exactly(saved, tiny_qwen3_moe, world, port, launch_env):
     out, _, reference = saved
-    ranks = _ranks("load", world, tiny_qwen3_moe, out, port)
+    ranks = _ranks("load", world, tiny_qwen3_moe, out, port, launch_env())
     assert all(r["gathered"] == [] for r in ranks)
     _assert_equal(torch.load(out / f"loaded-{world}.pt", weights_only=False), reference)
     if world == 2:

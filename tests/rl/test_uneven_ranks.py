@@ -36,13 +36,13 @@ HANG_S = 300     # the three steps take ~60 s on 2 cores
 
 
 @pytest.fixture(scope="module")
-def uneven_run(tiny_qwen3_moe, tmp_path_factory):
+def uneven_run(tiny_qwen3_moe, tmp_path_factory, launch_env):
     out = tmp_path_factory.mktemp("uneven")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
            "--master-port", "29563", str(Path(__file__).parent / "uneven_step.py"),
            str(tiny_qwen3_moe), str(out), str(ROWS), *map(str, SIZES)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env=launch_env(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1"), start_new_session=True)
     try:
         log, _ = proc.communicate(timeout=HANG_S)
     except subprocess.TimeoutExpired:

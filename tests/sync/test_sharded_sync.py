@@ -12,20 +12,18 @@ holds must stop the push on both ranks, with the tensor named.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from recording import RecordingReceiver, policy_config
 
 from qerl_rollout.quant.export import export_checkpoint
 from qerl_rollout.rl.policy import Policy
 from qerl_rollout.rollout.engine import read_manifest
 from qerl_rollout.sync.weight_sync import WeightSync
-
-from recording import RecordingReceiver, policy_config
 
 SCHEMES = ["fp8_block", "fp8_channel", "int8", "nvfp4", "bf16"]
 HERE = Path(__file__).parent
@@ -50,7 +48,7 @@ def _manifest_dirs(model_dir, tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def sharded_run(tiny_model, tmp_path_factory):
+def sharded_run(tiny_model, tmp_path_factory, launch_env):
     tmp = tmp_path_factory.mktemp("sharded")
     model_dir = tiny_model("qwen3_moe")
     lora = _lora_values(model_dir, tmp / "lora.pt")
@@ -60,7 +58,7 @@ def sharded_run(tiny_model, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", "29561", str(HERE / "sharded_push.py"), str(model_dir), str(tmp / "lora.pt"),
            str(out), *(f"{s}={d}" for s, d in dirs.items())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}   # an abort prints its Python stacks
+    env = launch_env(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")   # an abort prints its Python stacks
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return model_dir, lora, dirs, out
