@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from recording import RecordingReceiver
 from transformers import AutoModelForCausalLM
 
 from qerl_rollout.quant.export import export_checkpoint
 from qerl_rollout.rollout.engine import checkpoint_stream, read_manifest
 from qerl_rollout.sync.weight_sync import WeightSync
-
-from recording import RecordingReceiver
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
