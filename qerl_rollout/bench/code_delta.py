@@ -81,6 +81,14 @@ def _policy(path: Path):
     return get_peft_model(model, cfg)
 
 
+def lora_step(lora: list[torch.Tensor], lr: float, g: torch.Generator) -> None:
+    """Every LoRA parameter moves by `lr` in a random sign, as Adam's first steps move each
+    parameter by about `lr`."""
+    with torch.no_grad():
+        for p in lora:
+            p.add_(lr * torch.randint(0, 2, p.shape, generator=g).mul(2).sub(1).to(p.dtype))
+
+
 def measure(path: Path, scheme: str, lrs: list[float], steps: int, seed: int = 0) -> list[dict]:
     """One row per (lr, step): the changed-code fractions and the push's seconds."""
     from qerl_rollout.rollout.engine import read_manifest
@@ -100,9 +108,7 @@ def measure(path: Path, scheme: str, lrs: list[float], steps: int, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     for lr in lrs:
         for step in range(1, steps + 1):
-            with torch.no_grad():
-                for p in lora:
-                    p.add_(lr * torch.randint(0, 2, p.shape, generator=g).mul(2).sub(1).to(p.dtype))
+            lora_step(lora, lr, g)
             rows.append(row(lr, step, sync.push(policy)))
     return rows
 

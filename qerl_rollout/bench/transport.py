@@ -49,12 +49,6 @@ def _receiver(transport: str, workers):
     return (CollectiveWeightReceiver if transport == "collective" else RayWeightReceiver)(workers)
 
 
-def _step(lora: list[torch.Tensor], lr: float, g: torch.Generator) -> None:
-    with torch.no_grad():
-        for p in lora:
-            p.add_(lr * torch.randint(0, 2, p.shape, generator=g).mul(2).sub(1).to(p.dtype))
-
-
 def _row(transport: str, kind: str, rnd: int, report, receiver) -> dict:
     received = receiver.received_digests()
     if any(r != report.digests for r in received):
@@ -66,7 +60,7 @@ def _row(transport: str, kind: str, rnd: int, report, receiver) -> dict:
 
 def measure(path: Path, scheme: str, transports: list[str], engines: int, rounds: int, lr: float,
             bucket_mb: int) -> list[dict]:
-    from qerl_rollout.bench.code_delta import _policy
+    from qerl_rollout.bench.code_delta import _policy, lora_step
     from qerl_rollout.config import QuantConfig
     from qerl_rollout.placement.ray import local_ray
     from qerl_rollout.rollout.engine import prepare_export
@@ -90,7 +84,7 @@ def measure(path: Path, scheme: str, transports: list[str], engines: int, rounds
             for t in order:
                 sync = syncs[t]
                 rows.append(_row(t, "full", rnd, sync.push(policy, full=True, digest=True), sync.engine))
-                _step(lora, lr, g)
+                lora_step(lora, lr, g)
                 rows.append(_row(t, "delta", rnd, sync.push(policy, digest=True), sync.engine))
                 print(f"round {rnd} {t}: full {rows[-2]['seconds']:.2f} s, delta {rows[-1]['seconds']:.2f} s",
                       flush=True)
