@@ -64,7 +64,7 @@ _TAG = 0
 
 def free_address() -> str:
     """This node's IP and a port free now (bound and released: another process could take it
-    before the store does, as with any rendezvous by port)."""
+    before the store does, as with any rendezvous by port). Also the trainer group's address."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]

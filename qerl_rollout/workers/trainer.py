@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import replace
 
 import ray
@@ -41,7 +40,7 @@ from qerl_rollout.layout import Slot, WorkerDiedError
 from qerl_rollout.placement.trainer import PolicyTrainer
 from qerl_rollout.rl.policy import Policy, TokenBatch, combine_rank_metrics
 from qerl_rollout.sync.weight_sync import TransportError
-from qerl_rollout.workers.collective import CollectiveWeightReceiver
+from qerl_rollout.workers.collective import CollectiveWeightReceiver, free_address
 from qerl_rollout.workers.transport import RayWeightReceiver
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,7 @@ class TrainerWorker(PolicyTrainer):
 
     def address(self) -> str:
         """host:port for the process group's rendezvous (rank 0 only)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return f"{ray.util.get_node_ip_address()}:{port}"
+        return free_address()
 
     def setup(self, address: str, policy_cfg, grpo, mismatch) -> None:
         device = resolve_device(policy_cfg.device, torch.cuda.is_available())
